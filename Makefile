@@ -1,0 +1,19 @@
+PYTHON ?= python3
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install test bench lint
+
+# Installs torch (the CPU build, only when no torch is present), the dev requirements and switchkd.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_CPU)"
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) benchmarks/throughput.py
+
+lint: install
+	$(PYTHON) -m ruff check switchkd kernels benchmarks tests setup.py

@@ -1,0 +1,107 @@
+"""Triton building blocks shared by the switch-step and KD-loss kernels.
+
+Rows are processed in base 2 (``x2 = logits * inv_temp * log2(e)``) so that the online softmax
+uses ``exp2``; log-probabilities handed to the loss terms are natural (nats).
+"""
+
+import triton
+import triton.language as tl
+
+# Loss kinds as kernel constants; the order matches switchkd.reference.LOSS_KINDS.
+FKL, RKL, JSD, SKL, SRKL, TVD = 0, 1, 2, 3, 4, 5
+LOSS_CODES = {"fkl": FKL, "rkl": RKL, "jsd": JSD, "skl": SKL, "srkl": SRKL, "tvd": TVD}
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+# Finite start for running maxima: keeps exp2(m_old - m_new) free of NaN on all -inf tiles.
+NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
+
+
+def block_size(vocab: int) -> int:
+    """Vocabulary tile: the whole row when small, else 4096 columns."""
+    return min(4096, triton.next_power_of_2(max(vocab, 16)))
+
+
+def num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
+@triton.jit
+def _online_softmax(x2, m, z):
+    """Fold one tile of base-2 scores into the running max ``m`` and sum ``z = sum 2^(x2 - m)``."""
+    m_new = tl.maximum(m, tl.max(x2, 0))
+    z = z * tl.exp2(m - m_new) + tl.sum(tl.exp2(x2 - m_new), 0)
+    return m_new, z
+
+
+@triton.jit
+def _log_probs(x2, m, z):
+    """Natural log-probabilities and probabilities of a tile, given its row's base-2 stats."""
+    log2p = x2 - m - tl.log2(z)
+    return log2p * LN2, tl.exp2(log2p)
+
+
+@triton.jit
+def _kl_terms(p, log_p, log_q):
+    """p * (log p - log q), 0 where p = 0."""
+    return tl.where(p > 0, p * (log_p - log_q), 0.0)
+
+
+@triton.jit
+def _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND: tl.constexpr):
+    """Per-column loss terms and ``g = dL/dp_S`` (up to a per-row constant) for one tile.
+
+    The gradient w.r.t. the scaled student logits is then ``p_S * (g - sum(p_S * g))``; for
+    ``fkl`` it is ``p_S - p_T`` directly and ``g`` is unused.
+    """
+    if KIND == 0:  # fkl
+        terms = _kl_terms(pt, log_pt, log_ps)
+        g = tl.zeros_like(ps)
+    elif KIND == 1:  # rkl
+        terms = _kl_terms(ps, log_ps, log_pt)
+        g = tl.where(ps > 0, log_ps - log_pt, 0.0)
+    elif KIND == 2:  # jsd, mixture (1 - beta) p_S + beta p_T
+        log_m = tl.log((1.0 - beta) * ps + beta * pt)
+        terms = beta * _kl_terms(pt, log_pt, log_m) + (1.0 - beta) * _kl_terms(ps, log_ps, log_m)
+        g = tl.where(ps > 0, (1.0 - beta) * (log_ps - log_m), 0.0)
+    elif KIND == 3:  # skl, mixture alpha p_T + (1 - alpha) p_S
+        m = alpha * pt + (1.0 - alpha) * ps
+        terms = _kl_terms(pt, log_pt, tl.log(m))
+        g = tl.where(m > 0, -(1.0 - alpha) * pt / m, 0.0)
+    elif KIND == 4:  # srkl, mixture alpha p_S + (1 - alpha) p_T
+        m = alpha * ps + (1.0 - alpha) * pt
+        log_m = tl.log(m)
+        terms = _kl_terms(ps, log_ps, log_m)
+        g = tl.where(ps > 0, log_ps - log_m - alpha * ps / m, 0.0)
+    else:  # tvd
+        terms = 0.5 * tl.abs(ps - pt)
+        g = tl.where(ps > pt, 0.5, tl.where(ps < pt, -0.5, 0.0))
+    return terms, g
+
+
+@triton.jit
+def _jsd_terms(log_ps, ps, log_pt, pt):
+    """Symmetric JSD terms (the switching criterion), nats."""
+    log_m = tl.log(0.5 * ps + 0.5 * pt)
+    return 0.5 * _kl_terms(pt, log_pt, log_m) + 0.5 * _kl_terms(ps, log_ps, log_m)
+
+
+@triton.jit
+def _write_grad(
+    s_row,  # [V] student logits of this row
+    t_row,  # [V] teacher logits of this row
+    grad_row,  # [V] output: d loss / d student logits
+    V, scale2, inv_temp, m_s, z_s, m_t, z_t, g_mean, alpha, beta,
+    KIND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Final sweep for kinds whose gradient needs ``g_mean = sum(p_S * g)``: p_S (g - g_mean) / T."""
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        s2 = tl.load(s_row + cols, mask=mask, other=-float("inf"), eviction_policy="evict_first").to(tl.float32)
+        t2 = tl.load(t_row + cols, mask=mask, other=-float("inf"), eviction_policy="evict_first").to(tl.float32)
+        log_ps, ps = _log_probs(s2 * scale2, m_s, z_s)
+        log_pt, pt = _log_probs(t2 * scale2, m_t, z_t)
+        _, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
+        grad = ps * (g - g_mean) * inv_temp
+        tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=mask)

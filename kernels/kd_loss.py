@@ -1,0 +1,111 @@
+"""Fused token-level distillation loss: forward and gradient in one kernel per row block."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .divergence import (
+    LOG2E, LOSS_CODES, NEG_BIG, _loss_terms, _log_probs, _online_softmax, _write_grad, block_size, num_warps,
+)
+
+
+@triton.jit
+def _kd_loss_kernel(
+    s_ptr,  # [N, V] student logits
+    t_ptr,  # [N, V] teacher logits
+    labels_ptr,  # [N] int64 labels (read only when HAS_LABELS)
+    loss_ptr,  # [N] float32 output: per-row loss (0 on ignored rows)
+    grad_ptr,  # [N, V] output: d loss_row / d student logits (written only when HAS_GRAD)
+    s_stride, t_stride, grad_stride,
+    V, inv_temp, alpha, beta, ignore_index,
+    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    grad_row = grad_ptr + row * grad_stride
+    scale2 = inv_temp * LOG2E
+
+    keep = True
+    if HAS_LABELS:
+        keep = tl.load(labels_ptr + row) != ignore_index
+    if keep:
+        # Sweep 1: running max and sum of both rows (keeps them in L2 for the next sweep).
+        m_s = NEG_BIG
+        z_s = 0.0
+        m_t = NEG_BIG
+        z_t = 0.0
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            s2 = tl.load(s_row + cols, mask=mask, other=-float("inf"), eviction_policy="evict_last")
+            t2 = tl.load(t_row + cols, mask=mask, other=-float("inf"), eviction_policy="evict_last")
+            m_s, z_s = _online_softmax(s2.to(tl.float32) * scale2, m_s, z_s)
+            m_t, z_t = _online_softmax(t2.to(tl.float32) * scale2, m_t, z_t)
+
+        # Sweep 2: the loss, plus the fkl gradient or the centring term of the others.
+        loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        g_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            s2 = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            t2 = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            log_ps, ps = _log_probs(s2 * scale2, m_s, z_s)
+            log_pt, pt = _log_probs(t2 * scale2, m_t, z_t)
+            terms, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
+            loss_acc += tl.where(mask, terms, 0.0)
+            if HAS_GRAD:
+                if KIND == 0:
+                    tl.store(grad_row + cols, ((ps - pt) * inv_temp).to(grad_ptr.dtype.element_ty), mask=mask)
+                else:
+                    g_acc += tl.where(mask, ps * g, 0.0)
+        tl.store(loss_ptr + row, tl.sum(loss_acc, 0))
+
+        # Sweep 3 (all kinds but fkl): p_S * (g - sum(p_S g)) / T.
+        if HAS_GRAD and KIND != 0:
+            _write_grad(s_row, t_row, grad_row, V, scale2, inv_temp, m_s, z_s, m_t, z_t, tl.sum(g_acc, 0),
+                        alpha, beta, KIND, BLOCK)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        if HAS_GRAD:
+            for start in range(0, V, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                tl.store(grad_row + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta, temperature, ignore_index,
+                   need_grad):
+    """Launch ``_kd_loss_kernel`` on ``[N, V]`` logits (last dim contiguous).
+
+    Returns ``(loss_rows [N] float32, grad [N, V] in the student dtype or None)``; ``grad`` is the
+    gradient of each row's loss, to be scaled by the upstream gradient.
+    """
+    n_rows, vocab = student_logits.shape
+    loss = torch.empty(n_rows, device=student_logits.device, dtype=torch.float32)
+    grad = torch.empty_like(student_logits) if need_grad else None
+    block = block_size(vocab)
+    if n_rows == 0:
+        return loss, grad
+    _kd_loss_kernel[(n_rows,)](
+        s_ptr=student_logits,
+        t_ptr=teacher_logits,
+        labels_ptr=labels if labels is not None else loss,
+        loss_ptr=loss,
+        grad_ptr=grad if need_grad else loss,
+        s_stride=student_logits.stride(0),
+        t_stride=teacher_logits.stride(0),
+        grad_stride=grad.stride(0) if need_grad else 0,
+        V=vocab,
+        inv_temp=1.0 / temperature,
+        alpha=float(alpha),
+        beta=float(beta),
+        ignore_index=ignore_index,
+        KIND=LOSS_CODES[kind],
+        HAS_LABELS=labels is not None,
+        HAS_GRAD=need_grad,
+        BLOCK=block,
+        num_warps=num_warps(block),
+    )
+    return loss, grad
+

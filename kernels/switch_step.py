@@ -1,0 +1,185 @@
+"""Fused SWITCH decoding step: divergence, switching decision, both samples and the KD loss."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .divergence import (
+    LOG2E, LOSS_CODES, NEG_BIG, _jsd_terms, _log_probs, _loss_terms, _online_softmax, _write_grad, block_size,
+    num_warps,
+)
+from .sampling import _gumbel2, _row_hash
+
+POLICY_CODES = {"exp": 0, "linear": 1, "constant": 2, "topk": 3, "never": 4, "always": 5}
+
+
+@triton.jit
+def _argmax_update(score, start, best, best_col):
+    """Fold the tile starting at column ``start`` into a running (max, argmax); ties keep the lowest column."""
+    tile_best, tile_arg = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
+    take = tile_best > best
+    return tl.where(take, tile_best, best), tl.where(take, start + tile_arg, best_col)
+
+
+@triton.jit
+def _switch_step_kernel(
+    s_ptr,  # [B, V] student logits
+    t_ptr,  # [B, V] teacher logits
+    positions_ptr,  # [B] int64 generated-token index (read unless POS_SCALAR)
+    row_keys_ptr,  # [B] int64 stable sequence ids (read unless KEYS_ARANGE)
+    tokens_ptr,  # [B] int64 output: kept token
+    from_teacher_ptr,  # [B] uint8 output: 1 where the teacher's token is kept
+    divergence_ptr,  # [B] float32 output: JSD(p_T, p_S), nats
+    s_tokens_ptr,  # [B] int64 output: student sample
+    t_tokens_ptr,  # [B] int64 output: teacher sample
+    loss_ptr,  # [B] float32 output: per-row loss of kind KIND
+    grad_ptr,  # [B, V] output: d loss_row / d student logits (written only when HAS_GRAD)
+    s_stride, t_stride, grad_stride,
+    V, position, seed_key, inv_temp, tau0, decay, top_k, alpha, beta,
+    POLICY: tl.constexpr, KIND: tl.constexpr, POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr,
+    GREEDY: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    grad_row = grad_ptr + row * grad_stride
+    scale2 = inv_temp * LOG2E
+    if POS_SCALAR:
+        pos = position
+    else:
+        pos = tl.load(positions_ptr + row)
+    if KEYS_ARANGE:
+        key = row
+    else:
+        key = tl.load(row_keys_ptr + row)
+    key_s = _row_hash(seed_key, key, pos, 0)
+    key_t = _row_hash(seed_key, key, pos, 1)
+
+    # Sweep 1: softmax statistics and Gumbel-max samples of both models.
+    m_s = NEG_BIG
+    z_s = 0.0
+    m_t = NEG_BIG
+    z_t = 0.0
+    best_s = -float("inf")
+    best_t = -float("inf")
+    tok_s = 0
+    tok_t = 0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        s = tl.load(s_row + cols, mask=mask, other=-float("inf"), eviction_policy="evict_last").to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=-float("inf"), eviction_policy="evict_last").to(tl.float32)
+        m_s, z_s = _online_softmax(s * scale2, m_s, z_s)
+        m_t, z_t = _online_softmax(t * scale2, m_t, z_t)
+        if GREEDY:
+            best_s, tok_s = _argmax_update(s, start, best_s, tok_s)
+            best_t, tok_t = _argmax_update(t, start, best_t, tok_t)
+        else:
+            best_s, tok_s = _argmax_update(s * scale2 + _gumbel2(key_s, cols), start, best_s, tok_s)
+            best_t, tok_t = _argmax_update(t * scale2 + _gumbel2(key_t, cols), start, best_t, tok_t)
+    if POLICY == 3:
+        t_at_student = tl.load(t_row + tok_s).to(tl.float32)
+
+    # Sweep 2 (from L2): JSD, loss, fkl gradient or the centring term, teacher rank of the student token.
+    jsd_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    g_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    rank_acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        s = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        log_ps, ps = _log_probs(s * scale2, m_s, z_s)
+        log_pt, pt = _log_probs(t * scale2, m_t, z_t)
+        jsd_acc += tl.where(mask, _jsd_terms(log_ps, ps, log_pt, pt), 0.0)
+        terms, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
+        loss_acc += tl.where(mask, terms, 0.0)
+        if HAS_GRAD:
+            if KIND == 0:
+                tl.store(grad_row + cols, ((ps - pt) * inv_temp).to(grad_ptr.dtype.element_ty), mask=mask)
+            else:
+                g_acc += tl.where(mask, ps * g, 0.0)
+        if POLICY == 3:
+            rank_acc += (t > t_at_student).to(tl.int32)
+    divergence = tl.sum(jsd_acc, 0)
+
+    if POLICY == 0:
+        switch = divergence > tau0 * tl.exp(-decay * pos.to(tl.float32))
+    elif POLICY == 1:
+        switch = divergence > tl.maximum(tau0 - decay * pos.to(tl.float32), 0.0)
+    elif POLICY == 2:
+        switch = divergence > tau0
+    elif POLICY == 3:
+        switch = tl.sum(rank_acc, 0) >= top_k
+    elif POLICY == 4:
+        switch = divergence != divergence  # False, except for a NaN row
+    else:
+        switch = divergence == divergence  # True, except for a NaN row
+    tl.store(tokens_ptr + row, tl.where(switch, tok_t, tok_s).to(tl.int64))
+    tl.store(from_teacher_ptr + row, switch.to(tl.uint8))
+    tl.store(divergence_ptr + row, divergence)
+    tl.store(s_tokens_ptr + row, tok_s.to(tl.int64))
+    tl.store(t_tokens_ptr + row, tok_t.to(tl.int64))
+    tl.store(loss_ptr + row, tl.sum(loss_acc, 0))
+
+    # Sweep 3 (all kinds but fkl): p_S * (g - sum(p_S g)) / T.
+    if HAS_GRAD and KIND != 0:
+        _write_grad(s_row, t_row, grad_row, V, scale2, inv_temp, m_s, z_s, m_t, z_t, tl.sum(g_acc, 0),
+                    alpha, beta, KIND, BLOCK)
+
+
+def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, policy, temperature, seed_key,
+                       kind, alpha, beta, need_grad):
+    """Launch ``_switch_step_kernel`` once over ``[B, V]`` logits (last dim contiguous).
+
+    ``positions`` is an int or an int64 ``[B]`` tensor; ``row_keys`` an int64 ``[B]`` tensor or None
+    (``arange(B)``); ``seed_key`` is ``reference.seed_hash(seed)``. Returns the outputs of
+    ``SwitchStep`` in order, then the per-row gradient ``[B, V]`` (or None).
+    """
+    batch, vocab = student_logits.shape
+    device = student_logits.device
+    tokens = torch.empty(batch, device=device, dtype=torch.int64)
+    from_teacher = torch.empty(batch, device=device, dtype=torch.uint8)
+    divergence = torch.empty(batch, device=device, dtype=torch.float32)
+    student_tokens = torch.empty_like(tokens)
+    teacher_tokens = torch.empty_like(tokens)
+    loss = torch.empty_like(divergence)
+    grad = torch.empty_like(student_logits) if need_grad else None
+    pos_scalar = isinstance(positions, int)
+    block = block_size(vocab)
+    if batch > 0:
+        _switch_step_kernel[(batch,)](
+            s_ptr=student_logits,
+            t_ptr=teacher_logits,
+            positions_ptr=tokens if pos_scalar else positions,
+            row_keys_ptr=tokens if row_keys is None else row_keys,
+            tokens_ptr=tokens,
+            from_teacher_ptr=from_teacher,
+            divergence_ptr=divergence,
+            s_tokens_ptr=student_tokens,
+            t_tokens_ptr=teacher_tokens,
+            loss_ptr=loss,
+            grad_ptr=grad if need_grad else loss,
+            s_stride=student_logits.stride(0),
+            t_stride=teacher_logits.stride(0),
+            grad_stride=grad.stride(0) if need_grad else 0,
+            V=vocab,
+            position=positions if pos_scalar else 0,
+            seed_key=seed_key,
+            inv_temp=1.0 / temperature if temperature > 0 else 1.0,
+            tau0=float(policy.tau0),
+            decay=float(policy.decay),
+            top_k=int(policy.top_k),
+            alpha=float(alpha),
+            beta=float(beta),
+            POLICY=POLICY_CODES[policy.kind],
+            KIND=LOSS_CODES[kind],
+            POS_SCALAR=pos_scalar,
+            KEYS_ARANGE=row_keys is None,
+            GREEDY=temperature == 0,
+            HAS_GRAD=need_grad,
+            BLOCK=block,
+            num_warps=num_warps(block),
+        )
+    return tokens, from_teacher.view(torch.bool), divergence, student_tokens, teacher_tokens, loss, grad
