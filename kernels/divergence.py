@@ -48,6 +48,13 @@ def _kl_terms(p, log_p, log_q):
 
 
 @triton.jit
+def _log_mix(m):
+    """log of a mixture that contains p with positive weight; -inf only where it underflowed, and then
+    p's own term is below float32's range, so callers count it as 0."""
+    return tl.where(m > 0, tl.log(m), 0.0)
+
+
+@triton.jit
 def _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND: tl.constexpr):
     """Per-column loss terms and ``g = dL/dp_S`` (up to a per-row constant) for one tile.
 
@@ -61,18 +68,20 @@ def _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND: tl.constexpr):
         terms = _kl_terms(ps, log_ps, log_pt)
         g = tl.where(ps > 0, log_ps - log_pt, 0.0)
     elif KIND == 2:  # jsd, mixture (1 - beta) p_S + beta p_T
-        log_m = tl.log((1.0 - beta) * ps + beta * pt)
-        terms = beta * _kl_terms(pt, log_pt, log_m) + (1.0 - beta) * _kl_terms(ps, log_ps, log_m)
-        g = tl.where(ps > 0, (1.0 - beta) * (log_ps - log_m), 0.0)
+        m = (1.0 - beta) * ps + beta * pt
+        live, log_m = m > 0, _log_mix(m)
+        terms = tl.where(live, beta * _kl_terms(pt, log_pt, log_m) + (1.0 - beta) * _kl_terms(ps, log_ps, log_m), 0.0)
+        g = tl.where(live & (ps > 0), (1.0 - beta) * (log_ps - log_m), 0.0)
     elif KIND == 3:  # skl, mixture alpha p_T + (1 - alpha) p_S
         m = alpha * pt + (1.0 - alpha) * ps
-        terms = _kl_terms(pt, log_pt, tl.log(m))
-        g = tl.where(m > 0, -(1.0 - alpha) * pt / m, 0.0)
+        live = m > 0
+        terms = tl.where(live, _kl_terms(pt, log_pt, _log_mix(m)), 0.0)
+        g = tl.where(live, -(1.0 - alpha) * pt / m, 0.0)
     elif KIND == 4:  # srkl, mixture alpha p_S + (1 - alpha) p_T
         m = alpha * ps + (1.0 - alpha) * pt
-        log_m = tl.log(m)
-        terms = _kl_terms(ps, log_ps, log_m)
-        g = tl.where(ps > 0, log_ps - log_m - alpha * ps / m, 0.0)
+        live, log_m = m > 0, _log_mix(m)
+        terms = tl.where(live, _kl_terms(ps, log_ps, log_m), 0.0)
+        g = tl.where(live & (ps > 0), log_ps - log_m - alpha * ps / m, 0.0)
     else:  # tvd
         terms = 0.5 * tl.abs(ps - pt)
         g = tl.where(ps > pt, 0.5, tl.where(ps < pt, -0.5, 0.0))
@@ -82,8 +91,9 @@ def _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND: tl.constexpr):
 @triton.jit
 def _jsd_terms(log_ps, ps, log_pt, pt):
     """Symmetric JSD terms (the switching criterion), nats."""
-    log_m = tl.log(0.5 * ps + 0.5 * pt)
-    return 0.5 * _kl_terms(pt, log_pt, log_m) + 0.5 * _kl_terms(ps, log_ps, log_m)
+    m = 0.5 * ps + 0.5 * pt
+    log_m = _log_mix(m)
+    return tl.where(m > 0, 0.5 * _kl_terms(pt, log_pt, log_m) + 0.5 * _kl_terms(ps, log_ps, log_m), 0.0)
 
 
 @triton.jit
