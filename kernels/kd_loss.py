@@ -60,7 +60,8 @@ def _kd_loss_kernel(
                     tl.store(grad_row + cols, ((ps - pt) * inv_temp).to(grad_ptr.dtype.element_ty), mask=mask)
                 else:
                     g_acc += tl.where(mask, ps * g, 0.0)
-        tl.store(loss_ptr + row, tl.sum(loss_acc, 0))
+        # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0: the loss is then NaN.
+        tl.store(loss_ptr + row, tl.where((z_s > 0) & (z_t > 0), tl.sum(loss_acc, 0), float("nan")))
 
         # Sweep 3 (all kinds but fkl): p_S * (g - sum(p_S g)) / T.
         if HAS_GRAD and KIND != 0:

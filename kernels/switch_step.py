@@ -102,7 +102,9 @@ def _switch_step_kernel(
                 g_acc += tl.where(mask, ps * g, 0.0)
         if POLICY == 3:
             rank_acc += (t > t_at_student).to(tl.int32)
-    divergence = tl.sum(jsd_acc, 0)
+    # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0: report such rows as NaN.
+    valid = (z_s > 0) & (z_t > 0)
+    divergence = tl.where(valid, tl.sum(jsd_acc, 0), float("nan"))
 
     if POLICY == 0:
         switch = divergence > tau0 * tl.exp(-decay * pos.to(tl.float32))
@@ -121,7 +123,7 @@ def _switch_step_kernel(
     tl.store(divergence_ptr + row, divergence)
     tl.store(s_tokens_ptr + row, tok_s.to(tl.int64))
     tl.store(t_tokens_ptr + row, tok_t.to(tl.int64))
-    tl.store(loss_ptr + row, tl.sum(loss_acc, 0))
+    tl.store(loss_ptr + row, tl.where(valid, tl.sum(loss_acc, 0), float("nan")))
 
     # Sweep 3 (all kinds but fkl): p_S * (g - sum(p_S g)) / T.
     if HAS_GRAD and KIND != 0:

@@ -110,6 +110,14 @@ def test_masked_vocabulary_entries_stay_finite():
         assert (x.grad[:, 150:] == 0).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_give_a_nan_loss(bad):
+    s, t = random_logits(4, 100), random_logits(4, 100)
+    t[1, 3] = bad
+    rows = kd_loss(s, t, kind="srkl", reduction="none")
+    assert rows[1].isnan() and torch.isfinite(rows[[0, 2, 3]]).all()
+
+
 def test_second_backward_through_the_same_graph_raises():
     s = random_logits(3, 50).requires_grad_()
     loss = kd_loss(s, random_logits(3, 50))
