@@ -5,7 +5,15 @@ import triton
 import triton.language as tl
 
 from .divergence import (
-    LOG2E, LOSS_CODES, NEG_BIG, _loss_terms, _log_probs, _online_softmax, _write_grad, block_size, num_warps,
+    LOG2E,
+    LOSS_CODES,
+    NEG_BIG,
+    _log_probs,
+    _loss_terms,
+    _online_softmax,
+    _write_grad,
+    block_size,
+    num_warps,
 )
 
 

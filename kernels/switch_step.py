@@ -5,7 +5,15 @@ import triton
 import triton.language as tl
 
 from .divergence import (
-    LOG2E, LOSS_CODES, NEG_BIG, _jsd_terms, _log_probs, _loss_terms, _online_softmax, _write_grad, block_size,
+    LOG2E,
+    LOSS_CODES,
+    NEG_BIG,
+    _jsd_terms,
+    _log_probs,
+    _loss_terms,
+    _online_softmax,
+    _write_grad,
+    block_size,
     num_warps,
 )
 from .sampling import _gumbel2, _row_hash

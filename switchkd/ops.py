@@ -7,7 +7,7 @@ import os
 import torch
 
 from . import reference
-from .policy import SwitchPolicy
+from .policy import DEFAULT_POLICY, SwitchPolicy
 from .reference import LOSS_KINDS, SwitchStep
 
 BACKENDS = ("auto", "triton", "reference")
@@ -185,7 +185,7 @@ class KDLossFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------- public
-def fused_switch_step(student_logits, teacher_logits, positions, *, policy=SwitchPolicy(), temperature=1.0, seed=0,
+def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAULT_POLICY, temperature=1.0, seed=0,
                       row_keys=None, loss="fkl", alpha=0.1, beta=0.5, backend="auto",
                       check_finite=True) -> SwitchStep:
     """One SWITCH decoding step over a batch of next-token logits, fused in one kernel launch.
@@ -303,7 +303,9 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, kind="srkl", alpha=0
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
         if labels.shape != lead_shape:
-            raise ValueError(f"labels must have shape {tuple(lead_shape)} (logits without V), got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must have shape {tuple(lead_shape)} (the logits' without V), got {tuple(labels.shape)}"
+            )
         if labels.device != student_logits.device:
             raise ValueError(f"labels is on {labels.device} but the logits are on {student_logits.device}")
     kind = reference.canonical_kind(kind, beta)

@@ -77,3 +77,6 @@ class SwitchPolicy:
         if self.kind == "linear":
             return (self.tau0 - self.decay * t).clamp_min(0.0)
         return torch.full_like(t, self.threshold(0))
+
+
+DEFAULT_POLICY = SwitchPolicy()

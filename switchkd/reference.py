@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from .policy import SwitchPolicy
+from .policy import DEFAULT_POLICY
 
 LOSS_KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 STUDENT, TEACHER = 0, 1  # the `model` field of the sampling noise
@@ -170,7 +170,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, kind="srkl", alpha=0
     return rows.sum() / keep.sum().clamp_min(1)
 
 
-def switch_step(student_logits, teacher_logits, positions, *, policy=SwitchPolicy(), temperature=1.0,
+def switch_step(student_logits, teacher_logits, positions, *, policy=DEFAULT_POLICY, temperature=1.0,
                 seed=0, row_keys=None, loss="fkl", alpha=0.1, beta=0.5) -> SwitchStep:
     """One SWITCH decoding step over ``[B, V]`` logits; see ``switchkd.fused_switch_step``."""
     batch = student_logits.shape[0]

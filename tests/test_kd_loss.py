@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, assert_error_ratio, random_logits
 from switchkd import kd_loss, reference
+
+from conftest import DEVICE, assert_error_ratio, random_logits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Absolute slack on top of the error-ratio bound: loss values (nats), gradients.

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, assert_error_ratio, random_logits
 from switchkd import SwitchPolicy, fused_switch_step, reference
+
+from conftest import DEVICE, assert_error_ratio, random_logits
 from test_kd_loss import GRAD_ATOL, LOSS_ATOL, plain_torch_loss
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
