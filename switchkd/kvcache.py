@@ -1,0 +1,125 @@
+"""Paged KV caches and the ``switchkd_paged`` attention function for Hugging Face models.
+
+One :class:`PagedKVCache` per model: a C++ ``BlockManager`` for the accounting and, per layer, two
+plain tensors ``[num_blocks, block_size, H_kv, D]`` (allocated on the layer's first call, in the
+model's dtype and device). A forward pass carries a :class:`PagedBatch` as the extra keyword
+``switchkd_paged``; the attention function writes the new keys/values through its slot mapping and
+attends over each sequence's blocks. Without that keyword it is plain SDPA, so a model can keep
+the implementation for training.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import _C
+
+ATTENTION_NAME = "switchkd_paged"
+
+
+class PagedKVCache:
+    """KV blocks of one model: a ``switchkd._C.BlockManager`` plus per-layer K/V pools."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.manager = _C.BlockManager(num_blocks, block_size)
+        self.block_size = block_size
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return self.manager.num_blocks
+
+    def pools(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V pools of a layer, created on first use with ``like``'s heads, head dim, dtype, device."""
+        if layer_idx not in self.layers:
+            shape = (self.num_blocks, self.block_size, like.shape[1], like.shape[-1])
+            self.layers[layer_idx] = (like.new_zeros(shape), like.new_zeros(shape))
+        return self.layers[layer_idx]
+
+    def prepare(self, ids: list[int], counts: list[int], device) -> PagedBatch:
+        """Append ``counts[i]`` tokens to sequence ``ids[i]`` and describe the forward that writes them.
+
+        The forward's inputs are right-padded to ``max(counts)`` tokens per sequence; padded tokens are
+        never written to the cache.
+        """
+        width = max(counts)
+        slots = self.manager.append(ids, counts)
+        rows = torch.cat([torch.arange(n) + i * width for i, n in enumerate(counts)])
+        lengths = self.manager.lengths(ids)
+        table = self.manager.block_table(ids).to(torch.int64)
+        key_pos = torch.arange(table.shape[1] * self.block_size)
+        query_pos = torch.arange(width)
+        counts_t = torch.tensor(counts)
+        # Bottom-right aligned causal mask: query i of sequence b sees keys j <= len_b - count_b + i.
+        last_key = (lengths - counts_t)[:, None] + query_pos[None, :]
+        mask = (key_pos[None, None, :] <= last_key[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
+        return PagedBatch(
+            cache=self,
+            write_slots=slots.to(device, non_blocking=True),
+            write_rows=rows.to(device, non_blocking=True),
+            block_table=table.clamp_min(0).to(device, non_blocking=True),
+            mask=mask[:, None].to(device, non_blocking=True),
+            lengths=lengths.to(device=device, dtype=torch.int32, non_blocking=True),
+            uniform=min(counts) == width,
+        )
+
+
+@dataclass
+class PagedBatch:
+    """Per-forward metadata shared by all layers (extra forward keyword ``switchkd_paged``)."""
+
+    cache: PagedKVCache
+    write_slots: torch.Tensor  # [n] int64 pool slots of the real (non-pad) new tokens
+    write_rows: torch.Tensor  # [n] int64 their rows in the flattened [B * q] inputs
+    block_table: torch.Tensor  # [B, max_blocks] int64 block ids (padding clamped to 0, masked out)
+    mask: torch.Tensor  # [B, 1, q, max_blocks * block_size] bool, True = attend
+    lengths: torch.Tensor  # [B] int32 cached tokens per sequence, new ones included
+    uniform: bool  # every sequence adds the same number of tokens (no padded queries)
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function: query ``[B, H, q, D]``, key/value ``[B, H_kv, q, D]`` (new tokens).
+
+    Writes the new keys/values into the pools, gathers each sequence's blocks and runs SDPA with a
+    bottom-right-aligned causal mask (GQA through ``enable_gqa``). Returns ``[B, q, H, D]``.
+    """
+    batch: PagedBatch | None = kwargs.pop(ATTENTION_NAME, None)
+    if batch is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    k_pool, v_pool = batch.cache.pools(module.layer_idx, key)
+    num_heads, head_dim = key.shape[1], key.shape[-1]
+    for pool, new in ((k_pool, key), (v_pool, value)):
+        flat_new = new.transpose(1, 2).reshape(-1, num_heads, head_dim)
+        pool.view(-1, num_heads, head_dim).index_copy_(0, batch.write_slots, flat_new.index_select(0, batch.write_rows))
+    if _use_flash_attn(query, batch):
+        from flash_attn import flash_attn_with_kvcache
+
+        table = batch.block_table.to(torch.int32)
+        out = flash_attn_with_kvcache(query.transpose(1, 2), k_pool, v_pool, cache_seqlens=batch.lengths,
+                                      block_table=table, softmax_scale=scaling, causal=True)
+        return out, None
+    bsz = query.shape[0]
+    keys = k_pool[batch.block_table].view(bsz, -1, num_heads, head_dim).transpose(1, 2)
+    values = v_pool[batch.block_table].view(bsz, -1, num_heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=batch.mask, scale=scaling, enable_gqa=query.shape[1] != num_heads,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_flash_attn(query, batch: PagedBatch) -> bool:
+    """flash-attn's paged kernel: CUDA, fp16/bf16, blocks of a multiple of 256, no padded queries."""
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and batch.uniform
+            and batch.cache.block_size % 256 == 0 and importlib.util.find_spec("flash_attn") is not None)
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

@@ -1,0 +1,39 @@
+"""Tiny random-weight Hugging Face models for the decoding tests (no downloads)."""
+
+import torch
+from transformers import (
+    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 97
+CONTEXT = 96
+
+
+def tiny_model(family: str, width: int = 32, layers: int = 2, seed: int = 0, dtype=torch.float64):
+    """A small causal LM of `family`; `initializer_range` is large so that teacher and student disagree."""
+    torch.manual_seed(seed)
+    common = {"vocab_size": VOCAB, "initializer_range": 0.3, "bos_token_id": None, "eos_token_id": None}
+    if family == "gpt2":
+        config = GPT2Config(n_positions=CONTEXT, n_embd=width, n_layer=layers, n_head=4, **common)
+        model = GPT2LMHeadModel(config)
+    elif family == "opt":
+        config = OPTConfig(hidden_size=width, num_hidden_layers=layers, ffn_dim=2 * width, num_attention_heads=4,
+                           max_position_embeddings=CONTEXT, word_embed_proj_dim=width, **common)
+        model = OPTForCausalLM(config)
+    else:
+        cls_config, cls_model = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+            family]
+        config = cls_config(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, **common)
+        model = cls_model(config)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, key, None)
+    return model.to(dtype).eval()
+
+
+def pair(family: str, dtype=torch.float64):
+    """(teacher, student) of one family sharing the vocabulary."""
+    return tiny_model(family, width=64, layers=3, seed=1, dtype=dtype), tiny_model(family, seed=2, dtype=dtype)
