@@ -3,8 +3,9 @@
     python benchmarks/throughput.py                       # small default (CPU when there is no GPU)
     python benchmarks/throughput.py --sections switch_step --full   # the GPU sizes
 
-Sections: ``switch_step`` (``fused_switch_step``, forward, as in decoding) and ``kd_loss``
-(forward + backward). Providers: ``switchkd``, ``eager`` (``switchkd.reference``),
+Sections: ``switch_step`` (``fused_switch_step``, forward, as in decoding), ``kd_loss``
+(forward + backward) and ``decode`` (``switch_generate`` against a plain Hugging Face loop, see
+``decode.py``). Providers: ``switchkd``, ``eager`` (``switchkd.reference``),
 ``compiled`` (``torch.compile`` of the reference) and ``liger_jsd`` (log_softmax + Liger-Kernel's
 JSD, CUDA only, when installed). GB/s counts the bytes the op must move (both logits read once,
 the gradient written once); ``pct_copy_bw`` compares it with a measured device copy.
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import switchkd  # noqa: E402
 from switchkd import reference  # noqa: E402
 
+from decode import run_decode  # noqa: E402
 from harness import copy_bandwidth_gbps, device_name, measure, print_table, write_results  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -31,6 +33,10 @@ GPU_SIZES = {
     "kd_loss": [(n, v) for v in (32000, 50257, 128256, 151936) for n in (4096, 8192, 16384)],
 }
 CPU_SIZES = {"switch_step": [(8, 32000), (32, 32000)], "kd_loss": [(128, 32000)]}
+# Decode: (model pairs, batches, prompt length, new tokens, vocabulary).
+GPU_DECODE = (["gpt2-large/small", "llama-1b/160m"], [1, 16, 64], 64, 128, 32000)
+CPU_DECODE = (["gpt2-tiny"], [8], 16, 32, 8192)
+SECTIONS = ["switch_step", "kd_loss", "decode"]
 POLICY = switchkd.SwitchPolicy("exp", tau0=0.2, decay=0.01)
 
 
@@ -109,8 +115,7 @@ def run_section(section, sizes, dtype, device, compile_reference, copy_gbps):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["switch_step", "kd_loss"],
-                        choices=["switch_step", "kd_loss"])
+    parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--full", action="store_true", help="the GPU sizes (default on CUDA)")
@@ -127,8 +132,12 @@ def main(argv=None):
           f"copy bandwidth {copy_gbps:.0f} GB/s")
     rows = []
     for section in args.sections:
-        rows += run_section(section, sizes[section], dtype, args.device, not args.no_compile, copy_gbps)
-    print_table(rows)
+        if section == "decode":
+            rows += run_decode(args.device, dtype, *(GPU_DECODE if (args.full or on_gpu) else CPU_DECODE))
+        else:
+            rows += run_section(section, sizes[section], dtype, args.device, not args.no_compile, copy_gbps)
+    print_table([r for r in rows if r["section"] != "decode"])
+    print_table([r for r in rows if r["section"] == "decode"], decode=True)
     path = write_results(rows, {"device": args.device, "device_name": name, "copy_gbps": copy_gbps}, args.out)
     print(f"wrote {path}")
 

@@ -67,6 +67,48 @@ class BlockManager {
     return slots;
   }
 
+  // One forward's metadata in a single call: appends counts[i] tokens to ids[i] (inputs right-padded to
+  // max(counts) per sequence) and returns (slots [n], rows [n], positions [B, q], block_table [B, W]
+  // int64 with padding 0, lengths [B], mask [B, 1, q, W * block_size] bool). rows index the real tokens
+  // in the flattened [B * q] inputs; pads repeat the last position and are never written; query i of
+  // sequence b attends to keys j < len_b with j <= len_b - count_b + i (bottom-right causal).
+  std::vector<torch::Tensor> prepare(const std::vector<int64_t>& ids, const std::vector<int64_t>& counts) {
+    TORCH_CHECK_VALUE(!ids.empty(), "prepare: no sequences");
+    int64_t width = *std::max_element(counts.begin(), counts.end());
+    TORCH_CHECK_VALUE(width > 0, "prepare: every forward needs at least one new token");
+    const int64_t batch = static_cast<int64_t>(ids.size());
+    std::vector<int64_t> starts(batch);
+    for (int64_t b = 0; b < batch; ++b) starts[b] = get(ids[b]).length;
+    torch::Tensor slots = append(ids, counts);
+    torch::Tensor rows = torch::empty({slots.numel()}, torch::kInt64);
+    torch::Tensor positions = torch::empty({batch, width}, torch::kInt64);
+    torch::Tensor lengths = torch::empty({batch}, torch::kInt64);
+    int64_t* row_out = rows.data_ptr<int64_t>();
+    int64_t* pos_out = positions.data_ptr<int64_t>();
+    size_t table_width = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < counts[b]; ++i) *row_out++ = b * width + i;
+      for (int64_t i = 0; i < width; ++i) pos_out[b * width + i] = starts[b] + std::min(i, counts[b] - 1);
+      lengths.data_ptr<int64_t>()[b] = starts[b] + counts[b];
+      table_width = std::max(table_width, seqs_.at(ids[b]).blocks.size());
+    }
+    const int64_t keys = static_cast<int64_t>(table_width) * block_size_;
+    torch::Tensor table = torch::zeros({batch, static_cast<int64_t>(table_width)}, torch::kInt64);
+    torch::Tensor mask = torch::zeros({batch, 1, width, keys}, torch::kBool);
+    int64_t* table_out = table.data_ptr<int64_t>();
+    bool* mask_out = mask.data_ptr<bool>();
+    for (int64_t b = 0; b < batch; ++b) {
+      const auto& blocks = seqs_.at(ids[b]).blocks;
+      std::copy(blocks.begin(), blocks.end(), table_out + b * table_width);
+      const int64_t length = starts[b] + counts[b];
+      for (int64_t i = 0; i < width; ++i) {
+        const int64_t last = std::min(length - 1, length - counts[b] + i);
+        std::fill(mask_out + (b * width + i) * keys, mask_out + (b * width + i) * keys + last + 1, true);
+      }
+    }
+    return {slots, rows, positions, table, lengths, mask};
+  }
+
   // Rolls a sequence back to `new_length` tokens, freeing the blocks past it.
   void truncate(int64_t seq_id, int64_t new_length) {
     Sequence& seq = get(seq_id);
@@ -185,6 +227,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add", &BlockManager::add, pybind11::arg("seq_id"))
       .def("reserve", &BlockManager::reserve, pybind11::arg("seq_id"), pybind11::arg("n"))
       .def("append", &BlockManager::append, pybind11::arg("ids"), pybind11::arg("counts"))
+      .def("prepare", &BlockManager::prepare, pybind11::arg("ids"), pybind11::arg("counts"))
       .def("truncate", &BlockManager::truncate, pybind11::arg("seq_id"), pybind11::arg("new_length"))
       .def("free", &BlockManager::free, pybind11::arg("seq_id"))
       .def("block_table", &BlockManager::block_table, pybind11::arg("ids"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ class SwitchOutput:
     responses: list[list[int]]  # the generated tokens of each row (EOS included when produced)
     student_forwards: int  # forward passes of each model over the whole request
     teacher_forwards: int
+    bookkeeping_seconds: float  # host time spent in KV block bookkeeping (allocation, tables, rollback)
 
     @property
     def teacher_share(self) -> float:
@@ -136,7 +138,7 @@ class SwitchGenerator:
         needs = [self._blocks_for(len(p) + max_new_tokens + draft_len) for p in prompts]
         self._ensure_pools(needs)
         pool = self.caches[0].num_blocks
-        results, counts = {}, [0, 0]
+        results, counts = {}, [0, 0, 0.0]
         with torch.no_grad(), _paged_eval(self.teacher, self.student):
             for group in self._sub_batches(needs, pool):
                 state = _Decode(self, group, [prompts[i] for i in group], policy, max_new_tokens, temperature,
@@ -144,6 +146,7 @@ class SwitchGenerator:
                 results.update(state.run())
                 counts[0] += state.student_forwards
                 counts[1] += state.teacher_forwards
+                counts[2] += state.bookkeeping_seconds
         return self._collect(prompts, results, max_new_tokens, pad_token_id, eos_token_id, counts)
 
     def _check_request(self, prompts, policy, max_new_tokens, draft_len, eos_token_id):
@@ -207,6 +210,7 @@ class SwitchGenerator:
             responses=responses,
             student_forwards=counts[0],
             teacher_forwards=counts[1],
+            bookkeeping_seconds=counts[2],
         )
 
 
@@ -216,13 +220,15 @@ class _Decode:
     def __init__(self, gen: SwitchGenerator, ids, prompts, policy, max_new_tokens, temperature, eos, seed, draft_len,
                  adaptive):
         self.gen, self.ids, self.prompts = gen, list(ids), prompts
-        self.policy, self.max_new, self.temperature, self.eos, self.seed = policy, max_new_tokens, temperature, eos, seed
+        self.policy, self.max_new, self.temperature = policy, max_new_tokens, temperature
+        self.eos, self.seed = eos, seed
         self.draft_len, self.adaptive = draft_len, adaptive
         self.switch_rate = 1.0 / draft_len  # running estimate of P(switch) per decision
         self.device = gen.student.device
         self.out = {i: ([], [], []) for i in ids}  # tokens, from_teacher, divergence
         self.pending = {i: p[-1] for i, p in zip(ids, prompts, strict=True)}
         self.student_forwards = self.teacher_forwards = 0
+        self.bookkeeping_seconds = 0.0
 
     def run(self):
         teacher_cache, student_cache = self.gen.caches
@@ -251,15 +257,12 @@ class _Decode:
         ids = list(tokens)
         counts = [len(tokens[i]) for i in ids]
         width = max(counts)
-        starts = cache.manager.lengths(ids).tolist()
-        input_ids = torch.zeros(len(ids), width, dtype=torch.int64)
-        positions = torch.empty(len(ids), width, dtype=torch.int64)
-        for row, i in enumerate(ids):
-            n = counts[row]
-            input_ids[row, :n] = torch.tensor(tokens[i])
-            positions[row] = starts[row] + torch.arange(width).clamp_max(n - 1)  # pads repeat the last position
+        rows = [tokens[i] + [0] * (width - len(tokens[i])) for i in ids]
+        start = time.perf_counter()
         batch = cache.prepare(ids, counts, self.device)
-        out = model(input_ids=input_ids.to(self.device), position_ids=positions.to(self.device), use_cache=False,
+        self.bookkeeping_seconds += time.perf_counter() - start
+        input_ids = torch.tensor(rows).to(self.device, non_blocking=True)
+        out = model(input_ids=input_ids, position_ids=batch.positions, use_cache=False,
                     logits_to_keep=1 if last_only else 0, **{ATTENTION_NAME: batch})
         return out.logits
 
@@ -306,6 +309,7 @@ class _Decode:
         tokens = step.tokens.view(len(active), k).tolist()
         switched = step.from_teacher.view(len(active), k).tolist()
         divergence = step.divergence.view(len(active), k).tolist()
+        start = time.perf_counter()
         still_active, decisions, switches = [], 0, 0
         for row, i in enumerate(active):
             keep = min(k, self.max_new - done[i])  # tokens this sequence may still take
@@ -330,6 +334,7 @@ class _Decode:
             student_cache.manager.truncate(i, length)
             self.pending[i] = out_tokens[-1]
             still_active.append(i)
+        self.bookkeeping_seconds += time.perf_counter() - start
         self.switch_rate = 0.7 * self.switch_rate + 0.3 * (switches / max(decisions, 1))
         return still_active
 

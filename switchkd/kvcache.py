@@ -47,27 +47,18 @@ class PagedKVCache:
         """Append ``counts[i]`` tokens to sequence ``ids[i]`` and describe the forward that writes them.
 
         The forward's inputs are right-padded to ``max(counts)`` tokens per sequence; padded tokens are
-        never written to the cache.
+        never written to the cache. All metadata comes from one C++ call.
         """
-        width = max(counts)
-        slots = self.manager.append(ids, counts)
-        rows = torch.cat([torch.arange(n) + i * width for i, n in enumerate(counts)])
-        lengths = self.manager.lengths(ids)
-        table = self.manager.block_table(ids).to(torch.int64)
-        key_pos = torch.arange(table.shape[1] * self.block_size)
-        query_pos = torch.arange(width)
-        counts_t = torch.tensor(counts)
-        # Bottom-right aligned causal mask: query i of sequence b sees keys j <= len_b - count_b + i.
-        last_key = (lengths - counts_t)[:, None] + query_pos[None, :]
-        mask = (key_pos[None, None, :] <= last_key[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
+        slots, rows, positions, table, lengths, mask = self.manager.prepare(ids, counts)
         return PagedBatch(
             cache=self,
             write_slots=slots.to(device, non_blocking=True),
             write_rows=rows.to(device, non_blocking=True),
-            block_table=table.clamp_min(0).to(device, non_blocking=True),
-            mask=mask[:, None].to(device, non_blocking=True),
+            positions=positions.to(device, non_blocking=True),
+            block_table=table.to(device, non_blocking=True),
+            mask=mask.to(device, non_blocking=True),
             lengths=lengths.to(device=device, dtype=torch.int32, non_blocking=True),
-            uniform=min(counts) == width,
+            uniform=min(counts) == max(counts),
         )
 
 
@@ -78,6 +69,7 @@ class PagedBatch:
     cache: PagedKVCache
     write_slots: torch.Tensor  # [n] int64 pool slots of the real (non-pad) new tokens
     write_rows: torch.Tensor  # [n] int64 their rows in the flattened [B * q] inputs
+    positions: torch.Tensor  # [B, q] int64 position ids (pads repeat the last real position)
     block_table: torch.Tensor  # [B, max_blocks] int64 block ids (padding clamped to 0, masked out)
     mask: torch.Tensor  # [B, 1, q, max_blocks * block_size] bool, True = attend
     lengths: torch.Tensor  # [B] int32 cached tokens per sequence, new ones included

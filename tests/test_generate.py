@@ -1,0 +1,162 @@
+import pytest
+import torch
+
+from switchkd import SwitchGenerator, SwitchPolicy, switch_generate
+
+from models import CONTEXT, VOCAB, pair, tiny_model
+
+FAMILIES = ["gpt2", "opt", "llama", "qwen2"]
+PROMPTS = [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15, 16]]
+MIXED = SwitchPolicy("exp", tau0=0.55, decay=0.02)  # switches on part of the tokens of these tiny pairs
+
+
+def hf_greedy(model, prompt, n):
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def models(request):
+    return pair(request.param)
+
+
+def test_never_at_temperature_zero_is_the_student_greedy_generate(models):
+    teacher, student = models
+    out = switch_generate(teacher, student, PROMPTS, policy=SwitchPolicy("never"), temperature=0.0, max_new_tokens=10)
+    assert out.responses == [hf_greedy(student, p, 10) for p in PROMPTS]
+    assert not out.from_teacher.any()
+
+
+def test_always_at_temperature_zero_is_the_teacher_greedy_generate(models):
+    teacher, student = models
+    out = switch_generate(teacher, student, PROMPTS, policy=SwitchPolicy("always"), temperature=0.0, max_new_tokens=10,
+                          draft_len=3)
+    assert out.responses == [hf_greedy(teacher, p, 10) for p in PROMPTS]
+    assert out.teacher_share == 1.0
+
+
+def test_drafting_returns_the_stepwise_tokens(models):
+    teacher, student = models
+    stepwise = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=24, draft_len=1, seed=5)
+    assert 0.0 < stepwise.teacher_share < 1.0, "the test pair should exercise both kinds of token"
+    for adaptive in (False, True):
+        drafted = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=24, draft_len=4, seed=5,
+                                  adaptive_draft=adaptive)
+        assert drafted.responses == stepwise.responses
+        assert torch.equal(drafted.from_teacher, stepwise.from_teacher)
+        torch.testing.assert_close(drafted.divergence, stepwise.divergence, equal_nan=True)
+        assert drafted.teacher_forwards <= stepwise.teacher_forwards
+
+
+def test_topk_policy_drafts_like_stepwise():
+    teacher, student = pair("gpt2")
+    policy = SwitchPolicy("topk", top_k=3)
+    a = switch_generate(teacher, student, PROMPTS, policy=policy, max_new_tokens=16, draft_len=1, seed=2)
+    b = switch_generate(teacher, student, PROMPTS, policy=policy, max_new_tokens=16, draft_len=5, seed=2,
+                        adaptive_draft=False)
+    assert a.responses == b.responses
+
+
+def test_ragged_batch_equals_each_prompt_alone():
+    teacher, student = pair("llama")
+    batch = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=12, seed=9)
+    for i, prompt in enumerate(PROMPTS):
+        # Row keys are prompt indices: decode prompt i alone as row i of a batch with dummies before it.
+        alone = switch_generate(teacher, student, [[1]] * i + [prompt], policy=MIXED, max_new_tokens=12, seed=9)
+        assert alone.responses[i] == batch.responses[i]
+
+
+def test_padded_input_ids_and_lists_agree():
+    teacher, student = pair("gpt2")
+    input_ids = torch.tensor([[0, 0, 5, 6, 7, 8], [0, 0, 0, 0, 0, 9], [0, 10, 11, 12, 13, 14]])
+    mask = (torch.arange(6) >= torch.tensor([[2], [5], [1]])).long()
+    a = switch_generate(teacher, student, input_ids, mask, policy=MIXED, max_new_tokens=8)
+    b = switch_generate(teacher, student, [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14]], policy=MIXED, max_new_tokens=8)
+    assert a.responses == b.responses and torch.equal(a.sequences, b.sequences)
+
+
+def test_eos_and_max_new_tokens_stop_each_sequence():
+    teacher, student = pair("gpt2")
+    free = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=20, seed=4)
+    eos = free.responses[0][3]
+    out = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=20, seed=4, eos_token_id=eos)
+    for row, response in enumerate(out.responses):
+        full = free.responses[row]
+        stop = full.index(eos) + 1 if eos in full else len(full)
+        assert response == full[:stop]
+        assert out.response_lengths[row] == stop
+        assert torch.isnan(out.divergence[row, stop:]).all() and not out.from_teacher[row, stop:].any()
+    assert out.sequences.shape[1] == max(len(p) + len(r) for p, r in zip(PROMPTS, out.responses, strict=True))
+
+
+def test_pools_are_reused_and_every_block_comes_back():
+    teacher, student = pair("qwen2")
+    gen = SwitchGenerator(teacher, student, block_size=4, num_blocks=64)
+    first = gen.generate(PROMPTS, policy=MIXED, max_new_tokens=10, seed=1)
+    pools = [id(c) for c in gen.caches]
+    second = gen.generate(PROMPTS, policy=MIXED, max_new_tokens=10, seed=1)
+    assert [id(c) for c in gen.caches] == pools and first.responses == second.responses
+    assert all(c.manager.num_used_blocks == 0 and c.manager.num_sequences == 0 for c in gen.caches)
+
+
+def test_small_pool_runs_sub_batches_with_the_same_tokens():
+    teacher, student = pair("gpt2")
+    roomy = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=10, seed=3)
+    tight = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=10, seed=3, block_size=4,
+                            num_blocks=6)
+    assert tight.responses == roomy.responses
+    with pytest.raises(ValueError, match="needs 6 KV blocks"):
+        switch_generate(teacher, student, PROMPTS, max_new_tokens=10, block_size=4, num_blocks=5)
+
+
+def test_blocks_come_back_after_an_exception_mid_generation():
+    teacher, student = pair("gpt2")
+    gen = SwitchGenerator(teacher, student, block_size=4, num_blocks=64)
+    calls = {"n": 0}
+    forward = teacher.forward
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("boom")
+        return forward(*args, **kwargs)
+
+    teacher.forward = failing_forward
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            gen.generate(PROMPTS, policy=MIXED, max_new_tokens=10)
+    finally:
+        del teacher.forward
+    assert all(c.manager.num_used_blocks == 0 for c in gen.caches)
+    assert teacher.config._attn_implementation != "switchkd_paged"
+    assert gen.generate(PROMPTS, max_new_tokens=3).response_lengths.tolist() == [3, 3, 3]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"prompts": [[1, 2], []]}, ValueError, r"prompts\[1\] is empty"),
+        ({"prompts": []}, ValueError, "prompts is empty"),
+        ({"prompts": [[1, "a"]]}, TypeError, r"prompts\[0\]"),
+        ({"prompts": [[1, VOCAB]]}, ValueError, "outside"),
+        ({"prompts": [[1] * (CONTEXT - 2)], "max_new_tokens": 5}, ValueError, "context"),
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens"),
+        ({"draft_len": 0}, ValueError, "draft_len"),
+        ({"policy": "exp"}, TypeError, "policy"),
+        ({"eos_token_id": VOCAB + 3}, ValueError, "eos_token_id"),
+    ],
+)
+def test_bad_requests_raise(kwargs, error, match):
+    teacher, student = pair("gpt2")
+    kwargs = {"prompts": PROMPTS, **kwargs}
+    with pytest.raises(error, match=match):
+        switch_generate(teacher, student, **kwargs)
+
+
+def test_vocabulary_mismatch_raises():
+    teacher = tiny_model("gpt2")
+    student = tiny_model("gpt2")
+    student.resize_token_embeddings(VOCAB + 5)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        SwitchGenerator(teacher, student)
