@@ -78,8 +78,29 @@ def timed(device, fn, *args, **kwargs):
     return time.perf_counter() - start, result
 
 
+def bookkeeping_row(batch=64, context=512, steps=500):
+    """Host time of one decoding step's block bookkeeping for both models at ``batch`` sequences:
+    the forward metadata (``prepare``) and the rollback (``truncate``) of each cache."""
+    from switchkd.kvcache import PagedKVCache
+
+    caches = [PagedKVCache(batch * (context // 16 + 2), 16) for _ in range(2)]
+    ids = list(range(batch))
+    for cache in caches:
+        for i in ids:
+            cache.manager.add(i)
+        cache.manager.append(ids, [context] * batch)
+    start = time.perf_counter()
+    for _ in range(steps):
+        for cache in caches:
+            cache.prepare(ids, [1] * batch, "cpu")
+            cache.manager.truncate(ids, [context] * batch)
+    us = 1e6 * (time.perf_counter() - start) / steps
+    return {"section": "decode", "op": "block_bookkeeping", "provider": "switchkd", "shape": f"b{batch} ctx{context}",
+            "dtype": "-", "mode": "host", "bookkeeping_us_per_step": us}
+
+
 def run_decode(device, dtype, pair_names, batches, prompt_len, max_new_tokens, vocab):
-    rows = []
+    rows = [bookkeeping_row()]
     for name in pair_names:
         teacher_kwargs, student_kwargs, family = PAIRS[name]
         torch.manual_seed(0)

@@ -79,7 +79,7 @@ def print_table(rows: list[dict], decode: bool = False) -> None:
                "peak_mib"]
     if decode:
         columns = ["provider", "shape", "dtype", "mode", "ms", "tokens_per_s", "speedup_vs_eager", "teacher_share",
-                   "teacher_forwards", "bookkeeping_us_per_forward"]
+                   "teacher_forwards", "bookkeeping_us_per_forward", "bookkeeping_us_per_step"]
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))

@@ -35,7 +35,7 @@ GPU_SIZES = {
 CPU_SIZES = {"switch_step": [(8, 32000), (32, 32000)], "kd_loss": [(128, 32000)]}
 # Decode: (model pairs, batches, prompt length, new tokens, vocabulary).
 GPU_DECODE = (["gpt2-large/small", "llama-1b/160m"], [1, 16, 64], 64, 128, 32000)
-CPU_DECODE = (["gpt2-tiny"], [8], 16, 32, 8192)
+CPU_DECODE = (["gpt2-tiny"], [8], 16, 96, 8192)
 SECTIONS = ["switch_step", "kd_loss", "decode"]
 POLICY = switchkd.SwitchPolicy("exp", tau0=0.2, decay=0.01)
 

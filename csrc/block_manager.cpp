@@ -122,6 +122,19 @@ class BlockManager {
     }
   }
 
+  // Batched rollback: truncate(ids[i], new_lengths[i]) for every i, validated before any change.
+  void truncate_many(const std::vector<int64_t>& ids, const std::vector<int64_t>& new_lengths) {
+    TORCH_CHECK_VALUE(ids.size() == new_lengths.size(), "truncate: got ", ids.size(), " ids but ",
+                      new_lengths.size(), " lengths");
+    check_unique(ids, "truncate");
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const Sequence& seq = get(ids[i]);
+      TORCH_CHECK_VALUE(new_lengths[i] >= 0 && new_lengths[i] <= seq.length, "truncate: sequence ", ids[i],
+                        " has length ", seq.length, ", cannot truncate to ", new_lengths[i]);
+    }
+    for (size_t i = 0; i < ids.size(); ++i) truncate(ids[i], new_lengths[i]);
+  }
+
   // Returns every block of a sequence and forgets it.
   void free(int64_t seq_id) {
     Sequence& seq = get(seq_id);
@@ -229,6 +242,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("append", &BlockManager::append, pybind11::arg("ids"), pybind11::arg("counts"))
       .def("prepare", &BlockManager::prepare, pybind11::arg("ids"), pybind11::arg("counts"))
       .def("truncate", &BlockManager::truncate, pybind11::arg("seq_id"), pybind11::arg("new_length"))
+      .def("truncate", &BlockManager::truncate_many, pybind11::arg("ids"), pybind11::arg("new_lengths"))
       .def("free", &BlockManager::free, pybind11::arg("seq_id"))
       .def("block_table", &BlockManager::block_table, pybind11::arg("ids"))
       .def("slot_mapping", &BlockManager::slot_mapping, pybind11::arg("ids"), pybind11::arg("starts"),

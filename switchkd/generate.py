@@ -223,7 +223,10 @@ class _Decode:
         self.policy, self.max_new, self.temperature = policy, max_new_tokens, temperature
         self.eos, self.seed = eos, seed
         self.draft_len, self.adaptive = draft_len, adaptive
-        self.switch_rate = 1.0 / draft_len  # running estimate of P(switch) per decision
+        # Adaptive drafting: measured tokens/s per draft length (powers of two up to draft_len).
+        self.candidates = sorted({min(2**i, draft_len) for i in range(draft_len.bit_length() + 1)}, reverse=True)
+        self.rates: dict[int, float] = {}
+        self.blocks = 0
         self.device = gen.student.device
         self.out = {i: ([], [], []) for i in ids}  # tokens, from_teacher, divergence
         self.pending = {i: p[-1] for i, p in zip(ids, prompts, strict=True)}
@@ -274,12 +277,29 @@ class _Decode:
         return step.student_tokens.tolist()
 
     def _draft_len(self, active) -> int:
+        """Fixed ``draft_len``, or the candidate with the best measured token rate (each is tried
+        first, and one is re-measured every 16 blocks, since the switch rate drifts with length)."""
         longest = max(self.max_new - len(self.out[i][0]) for i in active)
-        k = round(1.0 / max(self.switch_rate, 1e-3)) if self.adaptive else self.draft_len
-        return max(1, min(k, self.draft_len, longest))
+        if not self.adaptive:
+            k = self.draft_len
+        else:
+            untried = [c for c in self.candidates if c not in self.rates]
+            if untried:
+                k = untried[0]
+            elif self.blocks % 16 == 0:
+                k = self.candidates[(self.blocks // 16) % len(self.candidates)]
+            else:
+                k = max(self.rates, key=self.rates.get)
+        return max(1, min(k, longest))
+
+    def _record_rate(self, k: int, tokens: int, seconds: float):
+        rate = tokens / max(seconds, 1e-9)
+        self.rates[k] = rate if k not in self.rates else 0.7 * self.rates[k] + 0.3 * rate
+        self.blocks += 1
 
     def _block(self, active: list[int]) -> list[int]:
         teacher_cache, student_cache = self.gen.caches
+        block_start = time.perf_counter()
         k = self._draft_len(active)
         done = {i: len(self.out[i][0]) for i in active}  # tokens generated so far
         # Draft: k one-token student forwards; drafts d_0 .. d_{k-2} feed the next forward.
@@ -310,15 +330,14 @@ class _Decode:
         switched = step.from_teacher.view(len(active), k).tolist()
         divergence = step.divergence.view(len(active), k).tolist()
         start = time.perf_counter()
-        still_active, decisions, switches = [], 0, 0
+        still_active, kept, accepted = [], [], 0
         for row, i in enumerate(active):
             keep = min(k, self.max_new - done[i])  # tokens this sequence may still take
             if True in switched[row][:keep]:
                 keep = switched[row].index(True) + 1
-                switches += 1
             if self.eos is not None and self.eos in tokens[row][:keep]:
                 keep = tokens[row].index(self.eos) + 1
-            decisions += keep
+            accepted += keep
             out_tokens, out_teacher, out_div = self.out[i]
             out_tokens += tokens[row][:keep]
             out_teacher += switched[row][:keep]
@@ -328,14 +347,16 @@ class _Decode:
                 teacher_cache.manager.free(i)
                 student_cache.manager.free(i)
                 continue
-            # Both caches now hold base + k tokens; keep the pending token and the accepted drafts.
-            length = teacher_cache.manager.length(i) - k + keep
-            teacher_cache.manager.truncate(i, length)
-            student_cache.manager.truncate(i, length)
             self.pending[i] = out_tokens[-1]
             still_active.append(i)
+            kept.append(keep)
+        if still_active:
+            # Both caches hold base + k tokens; keep the pending token and the accepted drafts.
+            lengths = (teacher_cache.manager.lengths(still_active) - k + torch.tensor(kept)).tolist()
+            teacher_cache.manager.truncate(still_active, lengths)
+            student_cache.manager.truncate(still_active, lengths)
         self.bookkeeping_seconds += time.perf_counter() - start
-        self.switch_rate = 0.7 * self.switch_rate + 0.3 * (switches / max(decisions, 1))
+        self._record_rate(k, accepted, time.perf_counter() - block_start)
         return still_active
 
 
@@ -353,7 +374,8 @@ def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: S
         temperature, seed: sampling (0 = greedy); tokens are a pure function of the logits and
             ``(seed, prompt index, position)``, so they do not depend on batch composition or draft length.
         draft_len: the most tokens the student drafts per teacher forward (1 = stepwise). With
-            ``adaptive_draft`` the length follows the observed switch rate (about 1 / rate), down to 1.
+            ``adaptive_draft`` the generator measures the token rate of each power-of-two length up to
+            ``draft_len`` and keeps the fastest (it falls to 1 when most tokens switch).
         block_size, num_blocks: KV pool geometry (see :class:`SwitchGenerator`).
 
     Returns:

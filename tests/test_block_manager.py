@@ -105,3 +105,32 @@ def test_misuse_raises_with_a_message(misuse, match):
     manager.append([0], [2])
     with pytest.raises((ValueError, RuntimeError), match=match):
         misuse(manager)
+
+
+def test_batched_truncate_validates_before_changing_anything():
+    manager = BlockManager(8, 2)
+    for i in (0, 1):
+        manager.add(i)
+    manager.append([0, 1], [5, 3])
+    with pytest.raises(ValueError, match="cannot truncate to 4"):
+        manager.truncate([0, 1], [1, 4])
+    assert manager.lengths([0, 1]).tolist() == [5, 3]
+    manager.truncate([0, 1], [1, 2])
+    assert manager.lengths([0, 1]).tolist() == [1, 2] and manager.num_used_blocks == 2
+
+
+def test_prepare_matches_its_parts():
+    manager = BlockManager(16, 4)
+    for i in (3, 4):
+        manager.add(i)
+    manager.append([3], [5])
+    slots, rows, positions, table, lengths, mask = manager.prepare([3, 4], [2, 3])
+    assert slots.tolist() == manager.slot_mapping([3], [5], 2).flatten().tolist() + manager.slot_mapping(
+        [4], [0], 3).flatten().tolist()
+    assert rows.tolist() == [0, 1, 3, 4, 5]
+    assert positions.tolist() == [[5, 6, 6], [0, 1, 2]]
+    assert lengths.tolist() == [7, 3]
+    assert table.tolist() == manager.block_table([3, 4]).clamp_min(0).tolist()
+    # Sequence 3 (7 tokens, 2 new): queries see keys 0..5 and 0..6; the pad query sees all 7.
+    assert mask[0, 0].sum(-1).tolist() == [6, 7, 7]
+    assert mask[1, 0].sum(-1).tolist() == [1, 2, 3]
