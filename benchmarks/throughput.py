@@ -58,7 +58,7 @@ def switch_step_providers(device, compile_reference):
 
     providers = {"switchkd": fused, "eager": eager}
     if compile_reference:
-        providers["compiled"] = torch.compile(eager, dynamic=False)
+        providers["compiled"] = torch.compile(eager)
     return providers
 
 
@@ -71,7 +71,7 @@ def kd_loss_providers(device, compile_reference):
 
     providers = {"switchkd": fused, "eager": eager}
     if compile_reference:
-        compiled = torch.compile(reference.kd_loss, dynamic=False)
+        compiled = torch.compile(reference.kd_loss)
         providers["compiled"] = lambda s, t: compiled(s, t, kind="jsd", beta=0.5).backward()
     jsd = liger_jsd() if device == "cuda" else None
     if jsd is not None:
