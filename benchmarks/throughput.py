@@ -32,7 +32,7 @@ GPU_SIZES = {
     "switch_step": [(b, v) for v in (32000, 50257, 128256, 151936) for b in (1, 32, 256)],
     "kd_loss": [(n, v) for v in (32000, 50257, 128256, 151936) for n in (4096, 8192, 16384)],
 }
-CPU_SIZES = {"switch_step": [(8, 32000), (32, 32000)], "kd_loss": [(128, 32000)]}
+CPU_SIZES = {"switch_step": [(16, 32000)], "kd_loss": [(128, 32000)]}
 # Decode: (model pairs, batches, prompt length, new tokens, vocabulary).
 GPU_DECODE = (["gpt2-large/small", "llama-1b/160m"], [1, 16, 64], 64, 128, 32000)
 CPU_DECODE = (["gpt2-tiny"], [8], 16, 96, 8192)
