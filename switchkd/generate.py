@@ -131,23 +131,37 @@ class SwitchGenerator:
     # ------------------------------------------------------------------------------------ request
     def generate(self, prompts, attention_mask=None, *, policy: SwitchPolicy = DEFAULT_POLICY,
                  max_new_tokens: int = 256, temperature: float = 1.0, eos_token_id: int | None = None, seed: int = 0,
-                 draft_len: int = 4, adaptive_draft: bool = True, pad_token_id: int | None = None) -> SwitchOutput:
+                 draft_len: int = 4, adaptive_draft: bool = True, pad_token_id: int | None = None,
+                 row_keys: list[int] | None = None) -> SwitchOutput:
         """Generate up to ``max_new_tokens`` per prompt; see :func:`switch_generate`."""
         prompts = prompt_lists(prompts, attention_mask)
         self._check_request(prompts, policy, max_new_tokens, draft_len, eos_token_id)
+        keys = self._row_keys(row_keys, len(prompts))
         needs = [self._blocks_for(len(p) + max_new_tokens + draft_len) for p in prompts]
         self._ensure_pools(needs)
         pool = self.caches[0].num_blocks
         results, counts = {}, [0, 0, 0.0]
         with torch.no_grad(), _paged_eval(self.teacher, self.student):
             for group in self._sub_batches(needs, pool):
-                state = _Decode(self, group, [prompts[i] for i in group], policy, max_new_tokens, temperature,
-                                eos_token_id, seed, draft_len, adaptive_draft)
-                results.update(state.run())
+                state = _Decode(self, [keys[i] for i in group], [prompts[i] for i in group], policy, max_new_tokens,
+                                temperature, eos_token_id, seed, draft_len, adaptive_draft)
+                decoded = state.run()
+                results.update({i: decoded[keys[i]] for i in group})
                 counts[0] += state.student_forwards
                 counts[1] += state.teacher_forwards
                 counts[2] += state.bookkeeping_seconds
         return self._collect(prompts, results, max_new_tokens, pad_token_id, eos_token_id, counts)
+
+    @staticmethod
+    def _row_keys(row_keys, batch: int) -> list[int]:
+        if row_keys is None:
+            return list(range(batch))
+        keys = list(row_keys)
+        if len(keys) != batch or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in keys):
+            raise ValueError(f"row_keys must be {batch} non-negative ints, one per prompt")
+        if len(set(keys)) != batch:
+            raise ValueError("row_keys must be unique")
+        return keys
 
     def _check_request(self, prompts, policy, max_new_tokens, draft_len, eos_token_id):
         if not isinstance(policy, SwitchPolicy):
@@ -363,7 +377,8 @@ class _Decode:
 def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: SwitchPolicy = DEFAULT_POLICY,
                     max_new_tokens: int = 256, temperature: float = 1.0, eos_token_id: int | None = None,
                     seed: int = 0, draft_len: int = 4, adaptive_draft: bool = True, pad_token_id: int | None = None,
-                    block_size: int = 16, num_blocks: int | None = None) -> SwitchOutput:
+                    row_keys: list[int] | None = None, block_size: int = 16,
+                    num_blocks: int | None = None) -> SwitchOutput:
     """Generate with SWITCH: the student writes, the teacher takes over tokens the policy picks.
 
     Args:
@@ -371,8 +386,9 @@ def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: S
         prompts: list of token-id lists, or padded ``input_ids [B, L]`` with ``attention_mask``.
         policy: :class:`SwitchPolicy` (``exp`` = SWITCH, ``never`` = student only, ``always`` = teacher).
         max_new_tokens, eos_token_id: per-sequence stopping (EOS is kept in the response).
-        temperature, seed: sampling (0 = greedy); tokens are a pure function of the logits and
-            ``(seed, prompt index, position)``, so they do not depend on batch composition or draft length.
+        temperature, seed, row_keys: sampling (0 = greedy); tokens are a pure function of the logits
+            and ``(seed, row key, position)``, so they do not depend on batch composition or draft length.
+            ``row_keys`` are unique non-negative ints, one per prompt (default: the prompt indices).
         draft_len: the most tokens the student drafts per teacher forward (1 = stepwise). With
             ``adaptive_draft`` the generator measures the token rate of each power-of-two length up to
             ``draft_len`` and keeps the fastest (it falls to 1 when most tokens switch).
@@ -384,4 +400,4 @@ def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: S
     generator = SwitchGenerator(teacher, student, block_size=block_size, num_blocks=num_blocks)
     return generator.generate(prompts, attention_mask, policy=policy, max_new_tokens=max_new_tokens,
                               temperature=temperature, eos_token_id=eos_token_id, seed=seed, draft_len=draft_len,
-                              adaptive_draft=adaptive_draft, pad_token_id=pad_token_id)
+                              adaptive_draft=adaptive_draft, pad_token_id=pad_token_id, row_keys=row_keys)

@@ -62,9 +62,8 @@ def test_ragged_batch_equals_each_prompt_alone():
     teacher, student = pair("llama")
     batch = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=12, seed=9)
     for i, prompt in enumerate(PROMPTS):
-        # Row keys are prompt indices: decode prompt i alone as row i of a batch with dummies before it.
-        alone = switch_generate(teacher, student, [[1]] * i + [prompt], policy=MIXED, max_new_tokens=12, seed=9)
-        assert alone.responses[i] == batch.responses[i]
+        alone = switch_generate(teacher, student, [prompt], policy=MIXED, max_new_tokens=12, seed=9, row_keys=[i])
+        assert alone.responses[0] == batch.responses[i]
 
 
 def test_padded_input_ids_and_lists_agree():
@@ -145,6 +144,8 @@ def test_blocks_come_back_after_an_exception_mid_generation():
         ({"draft_len": 0}, ValueError, "draft_len"),
         ({"policy": "exp"}, TypeError, "policy"),
         ({"eos_token_id": VOCAB + 3}, ValueError, "eos_token_id"),
+        ({"row_keys": [0, 0, 1], "max_new_tokens": 4}, ValueError, "unique"),
+        ({"row_keys": [0, 1], "max_new_tokens": 4}, ValueError, "row_keys"),
     ],
 )
 def test_bad_requests_raise(kwargs, error, match):
