@@ -97,6 +97,23 @@ def _jsd_terms(log_ps, ps, log_pt, pt):
 
 
 @triton.jit
+def _loss_tile(s, t, cols, mask, grad_row, scale2, inv_temp, m_s, z_s, m_t, z_t, alpha, beta, loss_acc, g_acc,
+               KIND: tl.constexpr, HAS_GRAD: tl.constexpr):
+    """One tile of the loss sweep: accumulate the loss terms and either store the fkl gradient
+    ``(p_S - p_T) / T`` or accumulate the centring term ``p_S * g``. Returns the tile's probabilities too."""
+    log_ps, ps = _log_probs(s * scale2, m_s, z_s)
+    log_pt, pt = _log_probs(t * scale2, m_t, z_t)
+    terms, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
+    loss_acc += tl.where(mask, terms, 0.0)
+    if HAS_GRAD:
+        if KIND == 0:
+            tl.store(grad_row + cols, ((ps - pt) * inv_temp).to(grad_row.dtype.element_ty), mask=mask)
+        else:
+            g_acc += tl.where(mask, ps * g, 0.0)
+    return loss_acc, g_acc, log_ps, ps, log_pt, pt
+
+
+@triton.jit
 def _write_grad(
     s_row,  # [V] student logits of this row
     t_row,  # [V] teacher logits of this row

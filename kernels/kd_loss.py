@@ -8,8 +8,7 @@ from .divergence import (
     LOG2E,
     LOSS_CODES,
     NEG_BIG,
-    _log_probs,
-    _loss_terms,
+    _loss_tile,
     _online_softmax,
     _write_grad,
     block_size,
@@ -59,15 +58,8 @@ def _kd_loss_kernel(
             mask = cols < V
             s2 = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
             t2 = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
-            log_ps, ps = _log_probs(s2 * scale2, m_s, z_s)
-            log_pt, pt = _log_probs(t2 * scale2, m_t, z_t)
-            terms, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
-            loss_acc += tl.where(mask, terms, 0.0)
-            if HAS_GRAD:
-                if KIND == 0:
-                    tl.store(grad_row + cols, ((ps - pt) * inv_temp).to(grad_ptr.dtype.element_ty), mask=mask)
-                else:
-                    g_acc += tl.where(mask, ps * g, 0.0)
+            loss_acc, g_acc, _, _, _, _ = _loss_tile(s2, t2, cols, mask, grad_row, scale2, inv_temp, m_s, z_s, m_t,
+                                                     z_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD)
         # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0: the loss is then NaN.
         tl.store(loss_ptr + row, tl.where((z_s > 0) & (z_t > 0), tl.sum(loss_acc, 0), float("nan")))
 

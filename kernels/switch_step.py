@@ -9,8 +9,7 @@ from .divergence import (
     LOSS_CODES,
     NEG_BIG,
     _jsd_terms,
-    _log_probs,
-    _loss_terms,
+    _loss_tile,
     _online_softmax,
     _write_grad,
     block_size,
@@ -98,16 +97,9 @@ def _switch_step_kernel(
         mask = cols < V
         s = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
         t = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
-        log_ps, ps = _log_probs(s * scale2, m_s, z_s)
-        log_pt, pt = _log_probs(t * scale2, m_t, z_t)
+        loss_acc, g_acc, log_ps, ps, log_pt, pt = _loss_tile(s, t, cols, mask, grad_row, scale2, inv_temp, m_s, z_s,
+                                                             m_t, z_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD)
         jsd_acc += tl.where(mask, _jsd_terms(log_ps, ps, log_pt, pt), 0.0)
-        terms, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
-        loss_acc += tl.where(mask, terms, 0.0)
-        if HAS_GRAD:
-            if KIND == 0:
-                tl.store(grad_row + cols, ((ps - pt) * inv_temp).to(grad_ptr.dtype.element_ty), mask=mask)
-            else:
-                g_acc += tl.where(mask, ps * g, 0.0)
         if POLICY == 3:
             rank_acc += (t > t_at_student).to(tl.int32)
     # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0: report such rows as NaN.
