@@ -1,11 +1,12 @@
 """switchkd: SWITCH knowledge distillation (teacher intervention during student generation) with fused kernels."""
 
 from .generate import SwitchGenerator, SwitchOutput, switch_generate
+from .linear_kd import fused_linear_kd_loss
 from .ops import fused_switch_step, kd_loss
 from .policy import SwitchPolicy
 from .reference import SwitchStep
 
 __version__ = "0.1.0"
 
-__all__ = ["SwitchGenerator", "SwitchOutput", "SwitchPolicy", "SwitchStep", "fused_switch_step", "kd_loss",
+__all__ = ["SwitchGenerator", "SwitchOutput", "SwitchPolicy", "SwitchStep", "fused_linear_kd_loss", "fused_switch_step", "kd_loss",
            "switch_generate", "__version__"]

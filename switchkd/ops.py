@@ -79,6 +79,18 @@ def _check_int_rows(name: str, value, batch: int, device):
     return value.to(device=device, dtype=torch.int64).contiguous()
 
 
+def _check_labels(labels, lead_shape, device):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    if labels.shape != lead_shape:
+        raise ValueError(f"labels must have shape {tuple(lead_shape)} (the inputs' without the last dim), got "
+                         f"{tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but the inputs are on {device}")
+
+
 def _rows_2d(x):
     """``[..., V]`` → ``[N, V]`` with a contiguous last dimension (a view where possible)."""
     x = x.reshape(-1, x.shape[-1])
@@ -298,16 +310,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, kind="srkl", alpha=0
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     lead_shape = student_logits.shape[:-1]
     if labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
-        if labels.shape != lead_shape:
-            raise ValueError(
-                f"labels must have shape {tuple(lead_shape)} (the logits' without V), got {tuple(labels.shape)}"
-            )
-        if labels.device != student_logits.device:
-            raise ValueError(f"labels is on {labels.device} but the logits are on {student_logits.device}")
+        _check_labels(labels, lead_shape, student_logits.device)
     kind = reference.canonical_kind(kind, beta)
 
     if resolve_backend(student_logits, backend) == "reference":
