@@ -5,8 +5,11 @@ from .linear_kd import fused_linear_kd_loss
 from .ops import fused_switch_step, kd_loss
 from .policy import SwitchPolicy
 from .reference import SwitchStep
+from .trainer import SwitchKDConfig, SwitchKDTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["SwitchGenerator", "SwitchOutput", "SwitchPolicy", "SwitchStep", "fused_linear_kd_loss", "fused_switch_step", "kd_loss",
-           "switch_generate", "__version__"]
+__all__ = [
+    "SwitchGenerator", "SwitchKDConfig", "SwitchKDTrainer", "SwitchOutput", "SwitchPolicy", "SwitchStep",
+    "fused_linear_kd_loss", "fused_switch_step", "kd_loss", "switch_generate", "__version__",
+]

@@ -43,3 +43,31 @@ def tiny_model(family: str, width: int = 32, layers: int = 2, seed: int = 0, dty
 def pair(family: str, dtype=torch.float64):
     """(teacher, student) of one family sharing the vocabulary."""
     return tiny_model(family, width=64, layers=3, seed=1, dtype=dtype), tiny_model(family, seed=2, dtype=dtype)
+
+
+def char_tokenizer():
+    """A character-level tokenizer in Hugging Face format (<pad> = 0, <eos> = 1), built with `tokenizers`."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def char_gpt2(layers: int, width: int, seed: int, vocab: int = 103):
+    """A dropout-free GPT-2 over the character vocabulary, float32."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=width, n_layer=layers, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+REVERSE_ROWS = [{"prompt": f"reverse {w}:", "response": w[::-1]} for w in
+                ["abc", "hello", "kd", "switch", "teacher", "xyz", "model", "token"]]

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from conftest import DEVICE
 from switchkd import fused_linear_kd_loss, kd_loss
+
+from conftest import DEVICE
 
 KINDS = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.3}), ("skl", {"alpha": 0.1}), ("srkl", {"alpha": 0.2}),
          ("tvd", {})]

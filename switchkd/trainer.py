@@ -1,0 +1,194 @@
+"""SwitchKDTrainer: on-policy distillation with SWITCH on top of ``transformers.Trainer``."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .data import DistillCollator, pad_sequences
+from .generate import SwitchGenerator
+from .ops import kd_loss
+from .policy import DEFAULT_DECAY, DEFAULT_TAU0, DEFAULT_TOP_K, SwitchPolicy
+from .reference import LOSS_KINDS
+
+SOURCES = ("switch", "student", "teacher", "dataset", "adaptive")
+STATE_FILE = "switchkd_state_rank{rank}.pt"
+
+
+@dataclass
+class SwitchKDConfig(TrainingArguments):
+    """``TrainingArguments`` plus what a distillation step needs.
+
+    ``source`` picks each step's sequences: ``switch`` (SWITCH decoding with ``policy``/``tau0``/
+    ``decay``/``top_k``), ``student`` (GKD: the student's own samples), ``teacher`` (SeqKD),
+    ``dataset`` (the data's responses; supervised KD), or ``adaptive`` (DistiLLM: student samples
+    with a probability rising to ``adaptive_max_prob`` over the first ``adaptive_warmup_ratio`` of
+    training, reused from a replay buffer of ``replay_size`` sequences with probability ``replay_ratio``).
+    """
+
+    source: str = field(default="switch", metadata={"help": f"sequence source, one of {SOURCES}"})
+    loss_kind: str = field(default="srkl", metadata={"help": f"KD loss, one of {LOSS_KINDS}"})
+    kd_alpha: float = field(default=0.1, metadata={"help": "skew of skl/srkl"})
+    kd_beta: float = field(default=0.5, metadata={"help": "weight of jsd (0 = fkl, 1 = rkl)"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "temperature of the KD loss"})
+    ce_weight: float = field(default=0.0, metadata={"help": "weight of cross-entropy on dataset responses"})
+    policy: str = field(default="exp", metadata={"help": "SwitchPolicy kind for source=switch"})
+    tau0: float = field(default=DEFAULT_TAU0, metadata={"help": "initial JSD threshold (nats)"})
+    decay: float = field(default=DEFAULT_DECAY, metadata={"help": "threshold decay per generated token"})
+    top_k: int = field(default=DEFAULT_TOP_K, metadata={"help": "k of the topk (SKD) policy"})
+    max_new_tokens: int = field(default=128, metadata={"help": "generated tokens per sequence"})
+    gen_temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
+    draft_len: int = field(default=4, metadata={"help": "most student tokens drafted per teacher forward"})
+    block_size: int = field(default=16, metadata={"help": "KV-cache block size of the generator"})
+    adaptive_max_prob: float = field(default=0.5, metadata={"help": "adaptive: final P(student samples)"})
+    adaptive_warmup_ratio: float = field(default=0.5, metadata={"help": "adaptive: share of training to reach it"})
+    replay_size: int = field(default=1000, metadata={"help": "adaptive: replay buffer capacity (sequences)"})
+    replay_ratio: float = field(default=0.5, metadata={"help": "adaptive: P(reuse from the buffer)"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep the token lists (needed)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.loss_kind not in LOSS_KINDS:
+            raise ValueError(f"loss_kind must be one of {LOSS_KINDS}, got {self.loss_kind!r}")
+        for name in ("adaptive_max_prob", "adaptive_warmup_ratio", "replay_ratio", "kd_alpha", "kd_beta"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("max_new_tokens", "draft_len", "block_size", "replay_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.switch_policy()  # validates policy/tau0/decay/top_k
+
+    def switch_policy(self) -> SwitchPolicy:
+        return SwitchPolicy(self.policy, tau0=self.tau0, decay=self.decay, top_k=self.top_k)
+
+
+class SwitchKDTrainer(Trainer):
+    """Distils ``model`` (the student) from a frozen ``teacher``.
+
+    Each step takes the batch's prompts, gets responses from the configured source (generated under
+    ``no_grad`` by one reused :class:`SwitchGenerator`), runs both models on ``prompt + response`` and
+    minimises the KD loss on the response tokens (the mean over sequences of each sequence's token
+    mean, so the loss does not depend on how a global batch is split across processes), plus
+    ``ce_weight`` times cross-entropy when the responses come from the data. Logs ``kd_loss``,
+    ``gen_divergence`` (JSD at generated tokens) and ``teacher_share`` through the Trainer's logging.
+
+    Example::
+
+        args = SwitchKDConfig(output_dir="out", source="switch", max_steps=1000, per_device_train_batch_size=8)
+        trainer = SwitchKDTrainer(model=student, teacher=teacher, args=args, train_dataset=dataset,
+                                  processing_class=tokenizer)
+        trainer.train()
+    """
+
+    def __init__(self, model, teacher, args: SwitchKDConfig, train_dataset=None, data_collator=None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, **kwargs):
+        if not isinstance(args, SwitchKDConfig):
+            raise TypeError(f"args must be a SwitchKDConfig, got {type(args).__name__}")
+        super().__init__(model=model, args=args, train_dataset=train_dataset,
+                         data_collator=data_collator or DistillCollator(), **kwargs)
+        tokenizer = self.processing_class
+        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        pad = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
+        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.generator: SwitchGenerator | None = None
+        self.replay: list[tuple[list[int], list[int]]] = []
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    # ------------------------------------------------------------------------------------ sources
+    def _step_rng(self, index: torch.Tensor) -> random.Random:
+        """A generator that depends only on (seed, step, first example): resume-proof and rank-proof."""
+        return random.Random(f"{self.args.seed}/{self.state.global_step}/{int(index[0])}")
+
+    def _source(self, rng: random.Random) -> str:
+        args = self.args
+        if args.source != "adaptive":
+            return args.source
+        ramp = max(1.0, args.adaptive_warmup_ratio * max(self.state.max_steps, 1))
+        if rng.random() >= args.adaptive_max_prob * min(1.0, self.state.global_step / ramp):
+            return "dataset"
+        return "replay" if self.replay and rng.random() < args.replay_ratio else "student"
+
+    def _generate(self, model, prompts, index, policy: SwitchPolicy):
+        if self.generator is None:
+            student = self.accelerator.unwrap_model(model)
+            self.generator = SwitchGenerator(self.teacher, student, block_size=self.args.block_size)
+        keys = (index + self.state.global_step * len(self.train_dataset)).tolist()
+        out = self.generator.generate(prompts, policy=policy, max_new_tokens=self.args.max_new_tokens,
+                                      temperature=self.args.gen_temperature, eos_token_id=self.eos_token_id,
+                                      seed=self.args.seed, draft_len=self.args.draft_len, row_keys=keys)
+        self._metrics["teacher_share"].append(out.teacher_share)
+        divergence = out.divergence[~out.divergence.isnan()]
+        if divergence.numel():
+            self._metrics["gen_divergence"].append(float(divergence.mean()))
+        return out.responses
+
+    def _responses(self, model, inputs):
+        prompts, index = inputs["prompt_ids"], inputs["index"].cpu()
+        rng = self._step_rng(index)
+        source = self._source(rng)
+        self._metrics["from_dataset"].append(float(source == "dataset"))
+        if source == "dataset":
+            return prompts, inputs["response_ids"], True
+        if source == "replay":
+            picked = [self.replay[rng.randrange(len(self.replay))] for _ in prompts]
+            return [list(p) for p, _ in picked], [list(r) for _, r in picked], False
+        policy = {"student": SwitchPolicy("never"), "teacher": SwitchPolicy("always")}.get(
+            source, self.args.switch_policy())
+        responses = self._generate(model, prompts, index, policy)
+        if self.args.source == "adaptive":
+            self.replay = (self.replay + list(zip(prompts, responses, strict=True)))[-self.args.replay_size:]
+        return prompts, responses, False
+
+    # --------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        prompts, responses, from_dataset = self._responses(model, inputs)
+        if any(not r for r in responses):  # an empty response has nothing to learn from; keep shapes valid
+            responses = [r or [self.pad_token_id] for r in responses]
+        input_ids, attention_mask, labels = pad_sequences(prompts, responses, self.pad_token_id, self.args.device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask)
+        shifted = labels[:, 1:]
+        rows = kd_loss(outputs.logits[:, :-1], teacher_logits[:, :-1], shifted, kind=self.args.loss_kind,
+                       alpha=self.args.kd_alpha, beta=self.args.kd_beta, temperature=self.args.kd_temperature,
+                       reduction="none")
+        tokens = (shifted != -100).sum(-1).clamp_min(1)
+        loss = (rows.sum(-1) / tokens).mean()
+        self._metrics["kd_loss"].append(float(loss.detach()))
+        if from_dataset and self.args.ce_weight > 0:
+            ce = torch.nn.functional.cross_entropy(outputs.logits[:, :-1].transpose(1, 2).float(), shifted,
+                                                   reduction="none")
+            loss = loss + self.args.ce_weight * (ce.sum(-1) / tokens).mean()
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for name, values in self._metrics.items():
+            if values:
+                logs[name] = sum(values) / len(values)
+        self._metrics.clear()
+        super().log(logs, start_time)
+
+    # --------------------------------------------------------------------- checkpoint and resume
+    def _state_path(self, checkpoint_dir: str) -> str:
+        return os.path.join(checkpoint_dir, STATE_FILE.format(rank=self.args.process_index))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        torch.save({"replay": self.replay}, self._state_path(checkpoint))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = self._state_path(resume_from_checkpoint)
+        if os.path.isfile(path):
+            self.replay = torch.load(path)["replay"]
+

@@ -1,0 +1,102 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from switchkd import SwitchKDConfig, SwitchKDTrainer
+from switchkd.data import DistillDataset
+
+from models import REVERSE_ROWS, char_gpt2, char_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """Trainer tests exercise the training loop; the kernels have their own tests (the interpreter is slow)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+def make_trainer(tmp_path, tokenizer, steps=12, **overrides):
+    settings = {"output_dir": str(tmp_path / "out"), "max_steps": steps, "per_device_train_batch_size": 4,
+                "learning_rate": 3e-3, "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": 3,
+                "use_cpu": True, "max_new_tokens": 8, "tau0": 0.3, "decay": 0.05, "disable_tqdm": True}
+    args = SwitchKDConfig(**{**settings, **overrides})
+    dataset = DistillDataset(REVERSE_ROWS, tokenizer, max_prompt_tokens=32, max_length=64)
+    return SwitchKDTrainer(model=char_gpt2(1, 32, seed=2), teacher=char_gpt2(2, 64, seed=1), args=args,
+                           train_dataset=dataset, processing_class=tokenizer)
+
+
+def kd_losses(trainer):
+    return [h["kd_loss"] for h in trainer.state.log_history if "kd_loss" in h]
+
+
+@pytest.mark.parametrize("source", ["switch", "student", "teacher", "dataset", "adaptive"])
+def test_each_source_trains(tmp_path, tokenizer, source):
+    trainer = make_trainer(tmp_path, tokenizer, source=source, adaptive_warmup_ratio=0.1)
+    trainer.train()
+    losses = kd_losses(trainer)
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    if source in ("switch", "student", "teacher"):
+        shares = [h["teacher_share"] for h in trainer.state.log_history if "teacher_share" in h]
+        expected = {"student": 0.0, "teacher": 1.0}
+        assert all(s == expected[source] for s in shares) if source in expected else 0.0 <= min(shares) <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd", "skl", "srkl", "tvd"])
+def test_each_loss_kind_trains(tmp_path, tokenizer, kind):
+    trainer = make_trainer(tmp_path, tokenizer, source="dataset", loss_kind=kind)
+    trainer.train()
+    losses = kd_losses(trainer)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_cross_entropy_on_dataset_responses_is_added(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, source="dataset", ce_weight=1.0)
+    trainer.train()
+    totals = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert totals[0] > kd_losses(trainer)[0] + 1.0  # CE of a random student is ~ln(103)
+    assert sum(totals[-3:]) < sum(totals[:3])
+
+
+def final_weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, tokenizer):
+    common = {"source": "adaptive", "adaptive_warmup_ratio": 0.1, "adaptive_max_prob": 0.9, "replay_ratio": 0.5}
+    straight = make_trainer(tmp_path / "a", tokenizer, steps=8, **common)
+    straight.train()
+    first = make_trainer(tmp_path / "b", tokenizer, steps=8, save_strategy="steps", save_steps=4, **common)
+    first.train()
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-4"
+    assert (checkpoint / "switchkd_state_rank0.pt").is_file()
+    resumed = make_trainer(tmp_path / "b", tokenizer, steps=8, **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert len(resumed.replay) == len(straight.replay) > 0
+    for name, value in final_weights(straight).items():
+        torch.testing.assert_close(final_weights(resumed)[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    script = Path(__file__).with_name("ddp_train.py")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"p{procs}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_port",
+               str(29500 + procs), str(script), str(out), str(4 // procs)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[procs] = torch.load(out / "weights.pt")
+        assert json.loads((out / "log.json").read_text())["steps"] == 6
+    for name, value in runs[1].items():
+        torch.testing.assert_close(runs[2][name], value, rtol=1e-4, atol=1e-6)
