@@ -35,9 +35,10 @@ setup(
     python_requires=">=3.10",
     packages=["switchkd", "switchkd.kernels"],
     package_dir={"switchkd": "switchkd", "switchkd.kernels": "kernels"},
-    install_requires=["torch>=2.11", "triton>=3.6", "transformers>=5.17", "numpy"],
+    install_requires=["torch>=2.11", "triton>=3.6", "transformers>=5.17", "accelerate>=1.1", "numpy", "tqdm",
+                      "rouge-score"],
     extras_require={"test": ["pytest", "hypothesis", "ruff"], "flash": ["flash-attn"]},
-    entry_points={},
+    entry_points={"console_scripts": ["switchkd = switchkd.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from switchkd.data import DistillCollator, DistillDataset, pad_sequences, read_jsonl
+
+from models import char_tokenizer
+
+
+def write(tmp_path, lines):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_prompt_response_and_dolly_rows(tmp_path):
+    path = write(tmp_path, [{"prompt": "p1", "response": "r1"},
+                            {"instruction": "say hi", "context": "", "response": "hi"},
+                            {"instruction": "sum", "context": "1 2", "response": "3"}, ""])
+    pairs = read_jsonl(path)
+    assert pairs[0] == ("p1", "r1")
+    assert "### Instruction:\nsay hi" in pairs[1][0] and "### Input" not in pairs[1][0]
+    assert "### Input:\n1 2" in pairs[2][0] and pairs[2][1] == "3"
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", r"data.jsonl:2: not valid JSON"),
+    ('["a"]', r"data.jsonl:2: a row must be a JSON object"),
+    ({"response": "x"}, r"data.jsonl:2: a row needs 'prompt' or 'instruction'"),
+    ({"prompt": "x"}, r"data.jsonl:2: 'response' must be a string"),
+    ({"prompt": "", "response": "x"}, r"data.jsonl:2: the prompt must be a non-empty string"),
+    ({"instruction": "x", "context": 3, "response": "y"}, r"data.jsonl:2: 'context' must be a string"),
+])
+def test_malformed_rows_name_file_and_line(tmp_path, line, match):
+    path = write(tmp_path, [{"prompt": "ok", "response": "ok"}, line])
+    with pytest.raises(ValueError, match=match):
+        read_jsonl(path)
+
+
+def test_missing_file_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        read_jsonl(tmp_path / "absent.jsonl")
+
+
+def test_tokenisation_masks_prompts_and_reports_dropped_rows(tmp_path, caplog):
+    tok = char_tokenizer()
+    rows = [("abc", "de"), ("x" * 40, "y"), ("ab", "z" * 30)]
+    data = DistillDataset(rows, tok, max_prompt_tokens=10, max_length=20)
+    assert len(data) == 1 and data.dropped == 2 and "dropped 2 of 3 rows" in caplog.text
+    item = data[0]
+    assert tok.decode(item["prompt_ids"]) == "abc" and item["response_ids"][-1] == tok.eos_token_id
+    batch = DistillCollator()([item, item])
+    input_ids, mask, labels = pad_sequences([[5, 6, 7], [8]], [[9, 1], [10, 11, 1]], 0, "cpu")
+    assert batch["index"].tolist() == [0, 0]
+    assert input_ids.tolist() == [[5, 6, 7, 9, 1], [8, 10, 11, 1, 0]]
+    assert labels.tolist() == [[-100, -100, -100, 9, 1], [-100, 10, 11, 1, -100]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    with pytest.raises(ValueError, match="no usable rows"):
+        DistillDataset([("x" * 40, "y")], tok, max_prompt_tokens=10)
