@@ -47,6 +47,34 @@ def measure(fn, device: str, grad_to_none=None, min_time_s: float = 0.5, max_rep
     return (statistics.median(times), q[1], q[7]), None
 
 
+def _proc_status_mib(key: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def peak_extra_memory_mib(fn, device: str) -> float | None:
+    """Peak memory of ``fn()`` above what was allocated before it: CUDA allocator peak on GPU, the
+    process's resident-set high-water mark (reset through /proc/self/clear_refs) on Linux CPUs."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        base = _proc_status_mib("VmRSS:")
+        fn()
+        return _proc_status_mib("VmHWM:") - base
+    except OSError:
+        return None
+
+
 def copy_bandwidth_gbps(device: str, nbytes: int) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
     x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()

@@ -25,7 +25,14 @@ import switchkd  # noqa: E402
 from switchkd import reference  # noqa: E402
 
 from decode import run_decode  # noqa: E402
-from harness import copy_bandwidth_gbps, device_name, measure, print_table, write_results  # noqa: E402
+from harness import (  # noqa: E402
+    copy_bandwidth_gbps,
+    device_name,
+    measure,
+    peak_extra_memory_mib,
+    print_table,
+    write_results,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_SIZES = {
@@ -36,7 +43,10 @@ CPU_SIZES = {"switch_step": [(16, 32000)], "kd_loss": [(128, 32000)]}
 # Decode: (model pairs, batches, prompt length, new tokens, vocabulary).
 GPU_DECODE = (["gpt2-large/small", "llama-1b/160m"], [1, 16, 64], 64, 128, 32000)
 CPU_DECODE = (["gpt2-tiny"], [8], 16, 96, 8192)
-SECTIONS = ["switch_step", "kd_loss", "decode"]
+# linear_kd: (rows, student hidden, teacher hidden, vocabulary).
+GPU_LINEAR = [(8192, 2048, 4096, 128256)]
+CPU_LINEAR = [(512, 256, 512, 32000)]
+SECTIONS = ["switch_step", "kd_loss", "linear_kd", "decode"]
 POLICY = switchkd.SwitchPolicy("exp", tau0=0.2, decay=0.01)
 
 
@@ -113,6 +123,35 @@ def run_section(section, sizes, dtype, device, compile_reference, copy_gbps):
     return rows
 
 
+def run_linear_kd(sizes, dtype, device, chunk_rows=None):
+    """fused_linear_kd_loss against kd_loss on materialised logits: time and peak extra memory, fwd+bwd."""
+    rows = []
+    for n, h_s, h_t, vocab in sizes:
+        hs = torch.randn(n, h_s, device=device, dtype=dtype, requires_grad=True)
+        ws = (torch.randn(vocab, h_s, device=device) / h_s**0.5).to(dtype).requires_grad_()
+        ht = torch.randn(n, h_t, device=device, dtype=dtype)
+        wt = (torch.randn(vocab, h_t, device=device) / h_t**0.5).to(dtype)
+
+        def full_logits(hs=hs, ws=ws, ht=ht, wt=wt):
+            switchkd.kd_loss(hs @ ws.T, ht @ wt.T, kind="jsd").backward()
+
+        def fused(hs=hs, ws=ws, ht=ht, wt=wt):
+            switchkd.fused_linear_kd_loss(hs, ws, ht, wt, kind="jsd", chunk_rows=chunk_rows).backward()
+
+        peaks = {}
+        for name, fn in (("kd_loss_full_logits", full_logits), ("switchkd_fused_linear", fused)):
+            hs.grad = ws.grad = None
+            peaks[name] = peak_extra_memory_mib(fn, device)
+            (ms, p20, p80), _ = measure(fn, device, grad_to_none=[hs, ws])
+            rows.append({"section": "linear_kd", "op": "linear_kd", "provider": name,
+                         "shape": f"{n}x{h_s}/{h_t}x{vocab}", "dtype": str(dtype).replace("torch.", ""),
+                         "mode": "fwd+bwd", "ms": ms, "ms_p20": p20, "ms_p80": p80, "peak_mib": peaks[name]})
+        full, fused_peak = peaks["kd_loss_full_logits"], peaks["switchkd_fused_linear"]
+        if full and fused_peak:
+            rows[-1]["peak_vs_full_logits"] = fused_peak / full
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
@@ -134,6 +173,10 @@ def main(argv=None):
     for section in args.sections:
         if section == "decode":
             rows += run_decode(args.device, dtype, *(GPU_DECODE if (args.full or on_gpu) else CPU_DECODE))
+        elif section == "linear_kd":
+            gpu_sizes = args.full or on_gpu
+            rows += run_linear_kd(GPU_LINEAR if gpu_sizes else CPU_LINEAR, dtype, args.device,
+                                  chunk_rows=None if gpu_sizes else 64)
         else:
             rows += run_section(section, sizes[section], dtype, args.device, not args.no_compile, copy_gbps)
     print_table([r for r in rows if r["section"] != "decode"])

@@ -7,7 +7,7 @@ import torch
 from . import reference
 from .ops import _check_labels, _check_loss_args, _check_temperature, resolve_backend
 
-DEFAULT_CHUNK_ROWS = 1024
+CHUNK_ELEMENTS = 2**26  # default chunk: about 64M logits (256 MiB in float32) per model
 
 
 def _rows_and_logit_grad(s_logits, t_logits, labels, backend, **loss_args):
@@ -65,7 +65,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
 
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *, kind="srkl",
                          alpha=0.1, beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean",
-                         chunk_rows=DEFAULT_CHUNK_ROWS, backend="auto"):
+                         chunk_rows=None, backend="auto"):
     """:func:`switchkd.kd_loss` of ``student_hidden @ student_weight.T`` against the teacher's, without
     materialising either model's ``[N, V]`` logits (rows are processed ``chunk_rows`` at a time).
 
@@ -74,7 +74,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
             LM-head weight (gradients flow to both); teacher_hidden ``[..., H_T]``, teacher_weight ``[V, H_T]``.
         labels ``[...]``: positions equal to ``ignore_index`` are skipped. reduction: ``mean`` or ``sum``.
             Other arguments as ``kd_loss``.
-        chunk_rows: rows per chunk; peak extra memory is about ``chunk_rows * V * 3`` elements.
+        chunk_rows: rows per chunk (default: about 64M logits per chunk); the extra memory is a few
+            chunk-sized ``[chunk_rows, V]`` buffers instead of full ``[N, V]`` logits.
 
     Example::
 
@@ -102,6 +103,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     _check_temperature(temperature, allow_zero=False)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' (per-row losses: use kd_loss), got {reduction!r}")
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // student_weight.shape[0])
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     lead_shape = student_hidden.shape[:-1]
