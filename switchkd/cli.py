@@ -64,8 +64,10 @@ def cmd_distill(args):
     resume = args.resume if args.resume != "latest" else True
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    print(f"saved the distilled student to {args.output_dir}")
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+        print(f"saved the distilled student to {args.output_dir}")
+    trainer.accelerator.wait_for_everyone()
 
 
 def cmd_generate(args):

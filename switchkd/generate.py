@@ -274,7 +274,7 @@ class _Decode:
         ids = list(tokens)
         counts = [len(tokens[i]) for i in ids]
         width = max(counts)
-        rows = [tokens[i] + [0] * (width - len(tokens[i])) for i in ids]
+        rows = [tokens[i] + tokens[i][-1:] * (width - len(tokens[i])) for i in ids]  # pads repeat the last token
         start = time.perf_counter()
         batch = cache.prepare(ids, counts, self.device)
         self.bookkeeping_seconds += time.perf_counter() - start

@@ -51,6 +51,7 @@ class SwitchKDConfig(TrainingArguments):
     replay_size: int = field(default=1000, metadata={"help": "adaptive: replay buffer capacity (sequences)"})
     replay_ratio: float = field(default=0.5, metadata={"help": "adaptive: P(reuse from the buffer)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the token lists (needed)"})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "every student weight is used"})
 
     def __post_init__(self):
         super().__post_init__()
