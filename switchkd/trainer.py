@@ -122,7 +122,8 @@ class SwitchKDTrainer(Trainer):
         if self.generator is None:
             student = self.accelerator.unwrap_model(model)
             self.generator = SwitchGenerator(self.teacher, student, block_size=self.args.block_size)
-        keys = (index + self.state.global_step * len(self.train_dataset)).tolist()
+        span = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else 1 << 32
+        keys = (index + self.state.global_step * span).tolist()  # unique per example and step, any world size
         out = self.generator.generate(prompts, policy=policy, max_new_tokens=self.args.max_new_tokens,
                                       temperature=self.args.gen_temperature, eos_token_id=self.eos_token_id,
                                       seed=self.args.seed, draft_len=self.args.draft_len, row_keys=keys)

@@ -41,7 +41,11 @@ def kd_losses(trainer):
 @pytest.mark.parametrize("source", ["switch", "student", "teacher", "dataset", "adaptive"])
 def test_each_source_trains(tmp_path, tokenizer, source):
     trainer = make_trainer(tmp_path, tokenizer, source=source, adaptive_warmup_ratio=0.1)
+    teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     trainer.train()
+    assert not trainer.teacher.training and not any(p.requires_grad for p in trainer.teacher.parameters())
+    assert all(torch.equal(v, teacher_before[k]) for k, v in trainer.teacher.state_dict().items())
+    assert trainer.model.training and trainer.model.config._attn_implementation != "switchkd_paged"
     losses = kd_losses(trainer)
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < sum(losses[:3]), losses
