@@ -57,7 +57,7 @@ def cmd_distill(args):
         use_cpu=args.cpu, source=args.source, loss_kind=args.loss, kd_alpha=args.alpha, kd_beta=args.beta,
         kd_temperature=args.kd_temperature, ce_weight=args.ce_weight, policy=args.policy, tau0=args.tau0,
         decay=args.decay, top_k=args.top_k, max_new_tokens=args.max_new_tokens, gen_temperature=args.temperature,
-        draft_len=args.draft_len,
+        draft_len=args.draft_len, fused_linear_loss=args.fused_linear_loss,
     )
     trainer = SwitchKDTrainer(model=student, teacher=teacher, args=config, train_dataset=dataset,
                               processing_class=tokenizer)
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--beta", type=float, default=0.5, help="jsd weight")
     d.add_argument("--kd-temperature", type=float, default=1.0, help="temperature of the KD loss")
     d.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight on dataset responses")
+    d.add_argument("--fused-linear-loss", action="store_true",
+                   help="KD loss from hidden states and LM heads, without full [N, V] logits (large vocabularies)")
     d.add_argument("--policy", default="exp", choices=POLICY_KINDS, help="switch policy for --source switch")
     d.add_argument("--tau0", type=float, default=DEFAULT_TAU0, help="initial JSD threshold (nats)")
     d.add_argument("--decay", type=float, default=DEFAULT_DECAY, help="threshold decay per generated token")

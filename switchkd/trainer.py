@@ -13,6 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import DistillCollator, pad_sequences
 from .generate import SwitchGenerator
+from .linear_kd import fused_linear_kd_loss
 from .ops import kd_loss
 from .policy import DEFAULT_DECAY, DEFAULT_TAU0, DEFAULT_TOP_K, SwitchPolicy
 from .reference import LOSS_KINDS
@@ -50,6 +51,8 @@ class SwitchKDConfig(TrainingArguments):
     adaptive_warmup_ratio: float = field(default=0.5, metadata={"help": "adaptive: share of training to reach it"})
     replay_size: int = field(default=1000, metadata={"help": "adaptive: replay buffer capacity (sequences)"})
     replay_ratio: float = field(default=0.5, metadata={"help": "adaptive: P(reuse from the buffer)"})
+    fused_linear_loss: bool = field(default=False, metadata={
+        "help": "KD loss from last hidden states and LM heads (fused_linear_kd_loss): no full [N, V] logits"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the token lists (needed)"})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "every student weight is used"})
 
@@ -103,6 +106,7 @@ class SwitchKDTrainer(Trainer):
         self.generator: SwitchGenerator | None = None
         self.replay: list[tuple[list[int], list[int]]] = []
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._checked_hidden = False
 
     # ------------------------------------------------------------------------------------ sources
     def _step_rng(self, index: torch.Tensor) -> random.Random:
@@ -156,21 +160,50 @@ class SwitchKDTrainer(Trainer):
         if any(not r for r in responses):  # an empty response has nothing to learn from; keep shapes valid
             responses = [r or [self.pad_token_id] for r in responses]
         input_ids, attention_mask, labels = pad_sequences(prompts, responses, self.pad_token_id, self.args.device)
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask)
         shifted = labels[:, 1:]
-        rows = kd_loss(outputs.logits[:, :-1], teacher_logits[:, :-1], shifted, kind=self.args.loss_kind,
-                       alpha=self.args.kd_alpha, beta=self.args.kd_beta, temperature=self.args.kd_temperature,
-                       reduction="none")
         tokens = (shifted != -100).sum(-1).clamp_min(1)
-        loss = (rows.sum(-1) / tokens).mean()
+        loss_args = {"kind": self.args.loss_kind, "alpha": self.args.kd_alpha, "beta": self.args.kd_beta,
+                     "temperature": self.args.kd_temperature}
+        if self.args.fused_linear_loss:
+            outputs, loss = self._fused_linear_loss(model, input_ids, attention_mask, shifted, tokens, loss_args)
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask)
+            rows = kd_loss(outputs.logits[:, :-1], teacher_logits[:, :-1], shifted, reduction="none", **loss_args)
+            loss = (rows.sum(-1) / tokens).mean()
         self._metrics["kd_loss"].append(float(loss.detach()))
         if from_dataset and self.args.ce_weight > 0:
+            if self.args.fused_linear_loss:
+                raise ValueError("ce_weight > 0 needs the student's logits: set fused_linear_loss=False")
             ce = torch.nn.functional.cross_entropy(outputs.logits[:, :-1].transpose(1, 2).float(), shifted,
                                                    reduction="none")
             loss = loss + self.args.ce_weight * (ce.sum(-1) / tokens).mean()
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_linear_loss(self, model, input_ids, attention_mask, shifted, tokens, loss_args):
+        """The same per-sequence KD loss from hidden states (the models compute one logit row each)."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True,
+                  "logits_to_keep": 1}
+        with torch.no_grad():
+            teacher_out = self.teacher(**kwargs)
+        outputs = model(**kwargs)
+        student_head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        teacher_head = self.teacher.get_output_embeddings().weight
+        h_s, h_t = outputs.hidden_states[-1], teacher_out.hidden_states[-1]
+        if not self._checked_hidden:
+            for name, h, head, logits in (("student", h_s, student_head, outputs.logits),
+                                          ("teacher", h_t, teacher_head, teacher_out.logits)):
+                if not torch.allclose((h[:, -1] @ head.T).float(), logits[:, -1].float(), rtol=1e-3, atol=1e-3):
+                    raise ValueError(f"fused_linear_loss: the {name}'s last hidden state is not its LM head's "
+                                     "input (a final projection or bias?); set fused_linear_loss=False")
+            self._checked_hidden = True
+        per_sequence = [
+            fused_linear_kd_loss(h_s[b, :-1], student_head, h_t[b, :-1], teacher_head, shifted[b], reduction="sum",
+                                 **loss_args) / tokens[b]
+            for b in range(input_ids.shape[0])
+        ]
+        return outputs, torch.stack(per_sequence).mean()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for name, values in self._metrics.items():

@@ -63,6 +63,17 @@ def test_each_loss_kind_trains(tmp_path, tokenizer, kind):
     assert sum(losses[-3:]) < sum(losses[:3]), losses
 
 
+def test_fused_linear_loss_gives_the_same_training(tmp_path, tokenizer):
+    runs = []
+    for fused in (False, True):
+        trainer = make_trainer(tmp_path / str(fused), tokenizer, steps=4, source="switch", fused_linear_loss=fused)
+        trainer.train()
+        runs.append((kd_losses(trainer), final_weights(trainer)))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-4)
+    for name, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], value, rtol=1e-4, atol=1e-6)
+
+
 def test_cross_entropy_on_dataset_responses_is_added(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, source="dataset", ce_weight=1.0)
     trainer.train()
