@@ -22,19 +22,13 @@ def device_name(device: str) -> str:
 
 
 def measure(fn, device: str, grad_to_none=None, min_time_s: float = 0.5, max_reps: int = 50):
-    """(median, p20, p80) milliseconds and peak extra memory (MiB, CUDA only) of ``fn()``."""
+    """(median, p20, p80) milliseconds of ``fn()`` and its peak extra memory (MiB) after a warm-up call."""
+    fn()  # warm-up (compilation, autotuning, allocator)
+    peak = peak_extra_memory_mib(fn, device)
     if device == "cuda":
         import triton.testing
 
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
-        return tuple(ms), peak
-    fn()  # warm-up
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)), peak
     times = []
     start = time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < min_time_s and len(times) < max_reps):
@@ -43,8 +37,8 @@ def measure(fn, device: str, grad_to_none=None, min_time_s: float = 0.5, max_rep
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return (statistics.median(times), q[1], q[7]), None
+    q = statistics.quantiles(times, n=10)
+    return (statistics.median(times), q[1], q[7]), peak
 
 
 def _proc_status_mib(key: str) -> float:

@@ -29,7 +29,6 @@ from harness import (  # noqa: E402
     copy_bandwidth_gbps,
     device_name,
     measure,
-    peak_extra_memory_mib,
     print_table,
     write_results,
 )
@@ -141,8 +140,7 @@ def run_linear_kd(sizes, dtype, device, chunk_rows=None):
         peaks = {}
         for name, fn in (("kd_loss_full_logits", full_logits), ("switchkd_fused_linear", fused)):
             hs.grad = ws.grad = None
-            peaks[name] = peak_extra_memory_mib(fn, device)
-            (ms, p20, p80), _ = measure(fn, device, grad_to_none=[hs, ws])
+            (ms, p20, p80), peaks[name] = measure(fn, device, grad_to_none=[hs, ws])
             rows.append({"section": "linear_kd", "op": "linear_kd", "provider": name,
                          "shape": f"{n}x{h_s}/{h_t}x{vocab}", "dtype": str(dtype).replace("torch.", ""),
                          "mode": "fwd+bwd", "ms": ms, "ms_p20": p20, "ms_p80": p80, "peak_mib": peaks[name]})
