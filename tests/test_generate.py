@@ -161,3 +161,16 @@ def test_vocabulary_mismatch_raises():
     student.resize_token_embeddings(VOCAB + 5)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         SwitchGenerator(teacher, student)
+
+
+def test_triton_switch_step_inside_generation():
+    """float32 models: the fused step runs the Triton kernel (interpreter on CPU) inside decoding."""
+    teacher, student = pair("llama", dtype=torch.float32)
+    greedy = switch_generate(teacher, student, PROMPTS, policy=SwitchPolicy("never"), temperature=0.0,
+                             max_new_tokens=8)
+    assert greedy.responses == [hf_greedy(student, p, 8) for p in PROMPTS]
+    stepwise = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=12, draft_len=1, seed=7)
+    drafted = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=12, draft_len=3, seed=7,
+                              adaptive_draft=False)
+    assert 0.0 < stepwise.teacher_share < 1.0
+    assert drafted.responses == stepwise.responses
