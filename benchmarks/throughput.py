@@ -110,9 +110,11 @@ def run_section(section, sizes, dtype, device, compile_reference, copy_gbps):
                    "dtype": str(dtype).replace("torch.", ""), "mode": mode}
             try:
                 (ms, p20, p80), peak = measure(call, device, grad_to_none=grad_to_none)
-            except torch.OutOfMemoryError:
-                rows.append({**row, "error": "out of memory"})
-                torch.cuda.empty_cache()
+            except Exception as err:  # noqa: BLE001 - a failing provider (OOM, compile error) is a result row
+                rows.append({**row, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+                print(f"{name} {row['shape']}: {rows[-1]['error']}", file=sys.stderr)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             eager_ms = ms if name == "eager" else eager_ms
             gbps = nbytes / ms / 1e6
