@@ -130,12 +130,13 @@ class SwitchGenerator:
 
     # ------------------------------------------------------------------------------------ request
     def generate(self, prompts, attention_mask=None, *, policy: SwitchPolicy = DEFAULT_POLICY,
-                 max_new_tokens: int = 256, temperature: float = 1.0, eos_token_id: int | None = None, seed: int = 0,
+                 max_new_tokens: int = 256, temperature: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 seed: int = 0,
                  draft_len: int = 4, adaptive_draft: bool = True, pad_token_id: int | None = None,
                  row_keys: list[int] | None = None) -> SwitchOutput:
         """Generate up to ``max_new_tokens`` per prompt; see :func:`switch_generate`."""
         prompts = prompt_lists(prompts, attention_mask)
-        self._check_request(prompts, policy, max_new_tokens, draft_len, eos_token_id)
+        eos_ids = self._check_request(prompts, policy, max_new_tokens, draft_len, eos_token_id)
         keys = self._row_keys(row_keys, len(prompts))
         needs = [self._blocks_for(len(p) + max_new_tokens + draft_len) for p in prompts]
         self._ensure_pools(needs)
@@ -144,13 +145,13 @@ class SwitchGenerator:
         with torch.no_grad(), _paged_eval(self.teacher, self.student):
             for group in self._sub_batches(needs, pool):
                 state = _Decode(self, [keys[i] for i in group], [prompts[i] for i in group], policy, max_new_tokens,
-                                temperature, eos_token_id, seed, draft_len, adaptive_draft)
+                                temperature, eos_ids, seed, draft_len, adaptive_draft)
                 decoded = state.run()
                 results.update({i: decoded[keys[i]] for i in group})
                 counts[0] += state.student_forwards
                 counts[1] += state.teacher_forwards
                 counts[2] += state.bookkeeping_seconds
-        return self._collect(prompts, results, max_new_tokens, pad_token_id, eos_token_id, counts)
+        return self._collect(prompts, results, max_new_tokens, pad_token_id, eos_ids, counts)
 
     @staticmethod
     def _row_keys(row_keys, batch: int) -> list[int]:
@@ -169,8 +170,10 @@ class SwitchGenerator:
         for name, value in (("max_new_tokens", max_new_tokens), ("draft_len", draft_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if eos_token_id is not None and not 0 <= eos_token_id < self.vocab_size:
-            raise ValueError(f"eos_token_id must be in [0, {self.vocab_size}), got {eos_token_id}")
+        eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+        if not all(isinstance(e, int) and 0 <= e < self.vocab_size for e in eos_ids):
+            raise ValueError(f"eos_token_id must be an int or a list of ints in [0, {self.vocab_size}), got "
+                             f"{eos_token_id!r}")
         for i, p in enumerate(prompts):
             if min(p) < 0 or max(p) >= self.vocab_size:
                 raise ValueError(f"prompts[{i}] has token ids outside [0, {self.vocab_size})")
@@ -179,6 +182,7 @@ class SwitchGenerator:
                 if context is not None and len(p) + max_new_tokens > context:
                     raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
                                      f"passes the {name}'s context of {context} positions")
+        return frozenset(eos_ids)
 
     def _blocks_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.block_size)
@@ -204,8 +208,8 @@ class SwitchGenerator:
             used += need
         return groups + [current]
 
-    def _collect(self, prompts, results, max_new_tokens, pad_token_id, eos_token_id, counts) -> SwitchOutput:
-        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    def _collect(self, prompts, results, max_new_tokens, pad_token_id, eos_ids, counts) -> SwitchOutput:
+        pad = pad_token_id if pad_token_id is not None else min(eos_ids, default=0)
         responses = [results[i][0] for i in range(len(prompts))]
         width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
         sequences = torch.full((len(prompts), width), pad, dtype=torch.int64)
@@ -349,14 +353,15 @@ class _Decode:
             keep = min(k, self.max_new - done[i])  # tokens this sequence may still take
             if True in switched[row][:keep]:
                 keep = switched[row].index(True) + 1
-            if self.eos is not None and self.eos in tokens[row][:keep]:
-                keep = tokens[row].index(self.eos) + 1
+            stop = next((j for j, t in enumerate(tokens[row][:keep]) if t in self.eos), None)
+            if stop is not None:
+                keep = stop + 1
             accepted += keep
             out_tokens, out_teacher, out_div = self.out[i]
             out_tokens += tokens[row][:keep]
             out_teacher += switched[row][:keep]
             out_div += divergence[row][:keep]
-            finished = len(out_tokens) >= self.max_new or (self.eos is not None and out_tokens[-1] == self.eos)
+            finished = len(out_tokens) >= self.max_new or out_tokens[-1] in self.eos
             if finished:
                 teacher_cache.manager.free(i)
                 student_cache.manager.free(i)
@@ -375,7 +380,7 @@ class _Decode:
 
 
 def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: SwitchPolicy = DEFAULT_POLICY,
-                    max_new_tokens: int = 256, temperature: float = 1.0, eos_token_id: int | None = None,
+                    max_new_tokens: int = 256, temperature: float = 1.0, eos_token_id: int | list[int] | None = None,
                     seed: int = 0, draft_len: int = 4, adaptive_draft: bool = True, pad_token_id: int | None = None,
                     row_keys: list[int] | None = None, block_size: int = 16,
                     num_blocks: int | None = None) -> SwitchOutput:
@@ -385,7 +390,8 @@ def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: S
         teacher, student: Hugging Face causal LMs sharing a vocabulary (GPT-2, OPT, Llama, Qwen2, ...).
         prompts: list of token-id lists, or padded ``input_ids [B, L]`` with ``attention_mask``.
         policy: :class:`SwitchPolicy` (``exp`` = SWITCH, ``never`` = student only, ``always`` = teacher).
-        max_new_tokens, eos_token_id: per-sequence stopping (EOS is kept in the response).
+        max_new_tokens, eos_token_id: per-sequence stopping; ``eos_token_id`` is an id or a list of ids
+            (the EOS token is kept in the response).
         temperature, seed, row_keys: sampling (0 = greedy); tokens are a pure function of the logits
             and ``(seed, row key, position)``, so they do not depend on batch composition or draft length.
             ``row_keys`` are unique non-negative ints, one per prompt (default: the prompt indices).

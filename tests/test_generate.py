@@ -87,6 +87,13 @@ def test_eos_and_max_new_tokens_stop_each_sequence():
         assert out.response_lengths[row] == stop
         assert torch.isnan(out.divergence[row, stop:]).all() and not out.from_teacher[row, stop:].any()
     assert out.sequences.shape[1] == max(len(p) + len(r) for p, r in zip(PROMPTS, out.responses, strict=True))
+    second = free.responses[1][2]
+    both = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=20, seed=4,
+                           eos_token_id=[eos, second])
+    for row, response in enumerate(both.responses):
+        full = free.responses[row]
+        stop = next((j + 1 for j, t in enumerate(full) if t in (eos, second)), len(full))
+        assert response == full[:stop]
 
 
 def test_pools_are_reused_and_every_block_comes_back():
@@ -144,6 +151,7 @@ def test_blocks_come_back_after_an_exception_mid_generation():
         ({"draft_len": 0}, ValueError, "draft_len"),
         ({"policy": "exp"}, TypeError, "policy"),
         ({"eos_token_id": VOCAB + 3}, ValueError, "eos_token_id"),
+        ({"eos_token_id": [1, "2"]}, ValueError, "eos_token_id"),
         ({"row_keys": [0, 0, 1], "max_new_tokens": 4}, ValueError, "unique"),
         ({"row_keys": [0, 1], "max_new_tokens": 4}, ValueError, "row_keys"),
     ],
