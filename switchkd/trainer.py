@@ -38,6 +38,7 @@ class SwitchKDConfig(TrainingArguments):
     kd_alpha: float = field(default=0.1, metadata={"help": "skew of skl/srkl"})
     kd_beta: float = field(default=0.5, metadata={"help": "weight of jsd (0 = fkl, 1 = rkl)"})
     kd_temperature: float = field(default=1.0, metadata={"help": "temperature of the KD loss"})
+    kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss (0 with ce_weight > 0 = SFT)"})
     ce_weight: float = field(default=0.0, metadata={"help": "weight of cross-entropy on dataset responses"})
     policy: str = field(default="exp", metadata={"help": "SwitchPolicy kind for source=switch"})
     tau0: float = field(default=DEFAULT_TAU0, metadata={"help": "initial JSD threshold (nats)"})
@@ -173,6 +174,7 @@ class SwitchKDTrainer(Trainer):
             rows = kd_loss(outputs.logits[:, :-1], teacher_logits[:, :-1], shifted, reduction="none", **loss_args)
             loss = (rows.sum(-1) / tokens).mean()
         self._metrics["kd_loss"].append(float(loss.detach()))
+        loss = self.args.kd_weight * loss
         if from_dataset and self.args.ce_weight > 0:
             if self.args.fused_linear_loss:
                 raise ValueError("ce_weight > 0 needs the student's logits: set fused_linear_loss=False")

@@ -46,19 +46,10 @@ def pair(family: str, dtype=torch.float64):
 
 
 def char_tokenizer():
-    """A character-level tokenizer in Hugging Face format (<pad> = 0, <eos> = 1), built with `tokenizers`."""
-    import string
+    """The character-level tokenizer of switchkd.tasks (<pad> = 0, <eos> = 1)."""
+    from switchkd.tasks import build_tokenizer
 
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for ch in string.printable:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return build_tokenizer()
 
 
 def char_gpt2(layers: int, width: int, seed: int, vocab: int = 103):
