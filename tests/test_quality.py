@@ -1,11 +1,10 @@
 """Smoke run of benchmarks/quality.py --quick: every method trains and gets finite scores."""
 
+import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
-
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -27,5 +26,5 @@ def test_quick_quality_report(tmp_path, monkeypatch):
     assert report["methods"]["SeqKD"]["teacher_share"]["mean"] == 1.0
     assert report["methods"]["GKD"]["teacher_share"]["mean"] == 0.0
     assert "| SWITCH |" in out.with_suffix(".md").read_text()
-    if pytest.importorskip("matplotlib"):
+    if importlib.util.find_spec("matplotlib"):
         assert out.with_suffix(".png").is_file()
