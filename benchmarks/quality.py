@@ -46,8 +46,8 @@ METHODS = {
 
 QUICK = {"rows": (240, 24, 36), "teacher": (2, 96), "student": (1, 32), "teacher_steps": 250, "sft_steps": 40,
          "steps": 12, "batch": 8, "max_new": 96, "seeds": [0], "sweep": [(0.2, 0.01)]}
-FULL = {"rows": (1200, 60, 120), "teacher": (4, 128), "student": (2, 64), "teacher_steps": 1000, "sft_steps": 1000,
-        "steps": 100, "batch": 8, "max_new": 300, "seeds": [0, 1, 2],
+FULL = {"rows": (1200, 60, 120), "teacher": (4, 128), "student": (2, 48), "teacher_steps": 1000, "sft_steps": 300,
+        "steps": 40, "batch": 8, "max_new": 300, "seeds": [0, 1, 2],
         "sweep": [(0.1, 0.005), (0.3, 0.005), (0.3, 0.02)]}
 
 
