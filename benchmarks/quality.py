@@ -171,6 +171,7 @@ def main(argv=None):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = RESULTS / ("quality-quick-work" if args.quick else "quality-work")
     tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(work / "tokenizer")  # Hugging Face format, for `switchkd eval` on the saved models
     splits = make_splits(*cfg["rows"], seed=1234)
     data = {name: DistillDataset([(r["prompt"], r["response"]) for r in rows], tokenizer, max_prompt_tokens=96,
                                  max_length=420) for name, rows in splits.items()}
