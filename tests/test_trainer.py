@@ -107,8 +107,8 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     runs = {}
     for procs in (1, 2):
         out = tmp_path / f"p{procs}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_port",
-               str(29500 + procs), str(script), str(out), str(4 // procs)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+               str(script), str(out), str(4 // procs)]  # --standalone: rendezvous on a free local port
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[procs] = torch.load(out / "weights.pt")
