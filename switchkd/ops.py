@@ -122,18 +122,15 @@ def resolve_backend(x: torch.Tensor, backend: str) -> str:
     return "triton" if interpreted else "reference"
 
 
-class _GradOnce:
-    """Backward of an op whose gradient was computed in the forward pass, scaled in place."""
-
-    @staticmethod
-    def scaled_grad(ctx, scale):
-        if ctx.grad is None:
-            raise RuntimeError(
-                "switchkd: this graph was already back-propagated; the fused gradient is consumed by the first "
-                "backward (retain_graph is not supported)"
-            )
-        grad, ctx.grad = ctx.grad, None
-        return grad.mul_(scale)
+def _take_scaled_grad(ctx, scale):
+    """The gradient stored by a fused forward, scaled in place; it can be taken once."""
+    if ctx.grad is None:
+        raise RuntimeError(
+            "switchkd: this graph was already back-propagated; the fused gradient is consumed by the first "
+            "backward (retain_graph is not supported)"
+        )
+    grad, ctx.grad = ctx.grad, None
+    return grad.mul_(scale)
 
 
 class SwitchStepFunction(torch.autograd.Function):
@@ -160,7 +157,7 @@ class SwitchStepFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         grad_loss = grad_outputs[5]
-        return (_GradOnce.scaled_grad(ctx, grad_loss[:, None]),) + (None,) * 9
+        return (_take_scaled_grad(ctx, grad_loss[:, None]),) + (None,) * 9
 
 
 class KDLossFunction(torch.autograd.Function):
@@ -193,7 +190,7 @@ class KDLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         scale = grad_output[:, None] if ctx.reduction == "none" else grad_output * ctx.scale
-        return (_GradOnce.scaled_grad(ctx, scale),) + (None,) * 8
+        return (_take_scaled_grad(ctx, scale),) + (None,) * 8
 
 
 # ----------------------------------------------------------------------------------------- public
