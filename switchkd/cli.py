@@ -68,6 +68,7 @@ def cmd_distill(args):
         tokenizer.save_pretrained(args.output_dir)
         print(f"saved the distilled student to {args.output_dir}")
     trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
 
 
 def cmd_generate(args):

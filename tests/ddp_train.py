@@ -28,3 +28,5 @@ if trainer.is_world_process_zero():
     out.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, out / "weights.pt")
     (out / "log.json").write_text(json.dumps({"steps": trainer.state.global_step}))
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()  # a live gloo process group can abort the interpreter at exit
