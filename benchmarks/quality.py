@@ -3,8 +3,8 @@
     python benchmarks/quality.py --quick      # smoke run, a few minutes on a 2-core CPU
     python benchmarks/quality.py              # the full run (CPU, under an hour)
 
-Pipeline, all offline: built-in tasks (switchkd.tasks) with a character-level tokenizer; a GPT-2
-teacher trained from scratch on them; a much smaller GPT-2 student, first fine-tuned briefly on the
+Pipeline, all offline: built-in tasks (switchkd.tasks) with their word-level tokenizer; a Llama-style
+teacher trained from scratch on them; a much smaller student, first fine-tuned briefly on the
 data (shared by every method), then trained by each method with the same steps, batch, optimiser
 and seeds. The SWITCH threshold (tau0, decay) is chosen on the validation split; every method is
 scored on the test split by ROUGE-L and exact match, overall and by reference length.
@@ -14,6 +14,7 @@ Writes benchmarks/results/quality[-quick].json, a markdown table and a PNG plot.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -21,12 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from switchkd import SwitchKDConfig, SwitchKDTrainer
 from switchkd.data import DistillDataset, pad_sequences
 from switchkd.evaluate import evaluate
 from switchkd.tasks import build_tokenizer, make_splits
+
+from harness import device_name, git_commit, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUCKETS = (32, 96, 192)
@@ -44,18 +47,23 @@ METHODS = {
     "SWITCH-constant": {"source": "switch", "policy": "constant", "loss_kind": "srkl"},
 }
 
-QUICK = {"rows": (240, 24, 36), "teacher": (2, 96), "student": (1, 32), "teacher_steps": 250, "sft_steps": 40,
-         "steps": 12, "batch": 8, "max_new": 96, "seeds": [0], "sweep": [(0.2, 0.01)]}
-FULL = {"rows": (1200, 60, 120), "teacher": (4, 128), "student": (2, 48), "teacher_steps": 1000, "sft_steps": 300,
-        "steps": 40, "batch": 8, "max_new": 300, "seeds": [0, 1, 2],
-        "sweep": [(0.1, 0.005), (0.3, 0.005), (0.3, 0.02)]}
+# sweep: (tau0, decay) tried with srkl; sweep_losses: other loss kinds tried at the best (tau0, decay)
+QUICK = {"rows": (240, 24, 36), "teacher": (2, 64), "student": (1, 32), "teacher_steps": 250, "sft_steps": 40,
+         "steps": 12, "batch": 8, "max_new": 96, "seeds": [0], "sweep": [(0.2, 0.01)], "sweep_losses": ["jsd"]}
+FULL = {"rows": (4000, 120, 240), "teacher": (4, 128), "student": (2, 64), "teacher_steps": 3500, "sft_steps": 1000,
+        "steps": 50, "batch": 8, "max_new": 300, "seeds": [0, 1, 2],
+        "sweep": [(0.1, 0.005), (0.3, 0.005), (0.3, 0.02)], "sweep_losses": ["fkl", "jsd"]}
 
 
-def gpt2(layers: int, width: int, vocab: int, seed: int):
+def tiny_llama(layers: int, width: int, vocab: int, seed: int):
+    """A small Llama-style model. Rotary positions matter here: GPT-2 models of this size, with learned
+    absolute positions, did not learn to copy from the prompt within the CPU budget (RESULTS.md)."""
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=512, n_embd=width, n_layer=layers,
-                                      n_head=4 if width >= 64 else 2, resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0))
+    heads = max(2, width // 32)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width,
+                                        num_hidden_layers=layers, num_attention_heads=heads,
+                                        num_key_value_heads=heads, max_position_embeddings=1024,
+                                        tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=0))
 
 
 class SupervisedCollator:
@@ -69,17 +77,19 @@ class SupervisedCollator:
 
 
 def train_supervised(model, dataset, steps, batch, lr, out, seed):
-    """Plain cross-entropy on responses with transformers.Trainer (the teacher, the shared student start)."""
+    """Plain cross-entropy on responses with transformers.Trainer (the teacher, the shared student start);
+    batches of similar length waste little on padding."""
     args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
                              learning_rate=lr, warmup_steps=steps // 10, lr_scheduler_type="cosine", seed=seed,
                              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=50,
-                             remove_unused_columns=False)
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=SupervisedCollator(0)).train()
+                             remove_unused_columns=False, train_sampling_strategy="group_by_length")
+    rows = [{**item, "input_ids": item["prompt_ids"] + item["response_ids"]} for item in dataset.items]  # lengths
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=SupervisedCollator(0)).train()
     return model
 
 
 def distil(method, overrides, teacher, student_state, cfg, data, tokenizer, seed, out):
-    student = gpt2(*cfg["student"], len(tokenizer), seed=0)
+    student = tiny_llama(*cfg["student"], len(tokenizer), seed=0)
     student.load_state_dict(student_state)
     args = SwitchKDConfig(output_dir=str(out), max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
                           learning_rate=1e-3, warmup_steps=cfg["steps"] // 10, seed=seed, save_strategy="no",
@@ -136,6 +146,10 @@ def markdown(report) -> str:
     overall = teacher["overall"]
     lines.append(f"| teacher | {100 * overall['rougeL']:.1f} | {100 * overall['exact_match']:.1f} | "
                  + " | ".join(f"{100 * teacher['by_length'][b]['rougeL']:.1f}" for b in buckets) + " | - | - |")
+    lines += ["", "Validation sweep of SWITCH (seed 0):", "", "| tau0 | decay | loss | val ROUGE-L | teacher share |",
+              "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {t['tau0']} | {t['decay']} | {t['loss_kind']} | {100 * t['validation_rougeL']:.1f} | "
+              f"{t['teacher_share']:.2f} |" for t in report["sweep"]]
     return "\n".join(lines)
 
 
@@ -173,25 +187,30 @@ def main(argv=None):
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(work / "tokenizer")  # Hugging Face format, for `switchkd eval` on the saved models
     splits = make_splits(*cfg["rows"], seed=1234)
-    data = {name: DistillDataset([(r["prompt"], r["response"]) for r in rows], tokenizer, max_prompt_tokens=96,
-                                 max_length=420) for name, rows in splits.items()}
+    data = {name: DistillDataset([(r["prompt"], r["response"]) for r in rows], tokenizer, max_prompt_tokens=200,
+                                 max_length=520) for name, rows in splits.items()}
     started = time.perf_counter()
 
-    teacher = train_supervised(gpt2(*cfg["teacher"], len(tokenizer), seed=0), data["train"], cfg["teacher_steps"],
-                               16, 3e-3, work / "teacher", seed=0).eval()
+    vocab = len(tokenizer)
+    teacher = train_supervised(tiny_llama(*cfg["teacher"], vocab, seed=0), data["train"], cfg["teacher_steps"], 16,
+                               3e-3, work / "teacher", seed=0).eval()
     teacher_scores = score(teacher, tokenizer, data["test"], cfg)
     print(f"teacher test ROUGE-L {100 * teacher_scores['overall']['rougeL']:.1f} "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
-    student_start = train_supervised(gpt2(*cfg["student"], len(tokenizer), seed=0), data["train"], cfg["sft_steps"],
-                                     16, 3e-3, work / "student-sft", seed=0).state_dict()
+    student_start = train_supervised(tiny_llama(*cfg["student"], vocab, seed=0), data["train"], cfg["sft_steps"], 16,
+                                     3e-3, work / "student-sft", seed=0).state_dict()
 
-    sweep = []
-    for tau0, decay in cfg["sweep"]:
-        overrides = {**METHODS["SWITCH"], "tau0": tau0, "decay": decay}
+    def trial(tau0, decay, loss_kind):
+        overrides = {**METHODS["SWITCH"], "tau0": tau0, "decay": decay, "loss_kind": loss_kind}
         student, _, share = distil("SWITCH", overrides, teacher, student_start, cfg, data, tokenizer, 0, work / "sweep")
         val = score(student, tokenizer, data["validation"], cfg)["overall"]["rougeL"]
-        sweep.append({"tau0": tau0, "decay": decay, "validation_rougeL": val, "teacher_share": share})
-        print(f"sweep tau0={tau0} decay={decay}: validation ROUGE-L {100 * val:.1f}, share {share}", flush=True)
+        print(f"sweep tau0={tau0} decay={decay} {loss_kind}: validation ROUGE-L {100 * val:.1f}, share {share}",
+              flush=True)
+        return {"tau0": tau0, "decay": decay, "loss_kind": loss_kind, "validation_rougeL": val, "teacher_share": share}
+
+    sweep = [trial(tau0, decay, "srkl") for tau0, decay in cfg["sweep"]]
+    best = max(sweep, key=lambda s: s["validation_rougeL"])
+    sweep += [trial(best["tau0"], best["decay"], kind) for kind in cfg["sweep_losses"]]
     best = max(sweep, key=lambda s: s["validation_rougeL"])
 
     methods = {}
@@ -199,7 +218,7 @@ def main(argv=None):
         overrides = dict(METHODS[name])
         if overrides.get("source") == "switch" and overrides["policy"] != "topk":
             decay = best["decay"] if overrides["policy"] == "exp" else best["tau0"] / cfg["max_new"]
-            overrides.update(tau0=best["tau0"], decay=decay)
+            overrides.update(tau0=best["tau0"], decay=decay, loss_kind=best["loss_kind"])
         runs = []
         for seed in cfg["seeds"]:
             student, seconds, share = distil(name, overrides, teacher, student_start, cfg, data, tokenizer, seed,
@@ -212,7 +231,9 @@ def main(argv=None):
 
     report = {"mode": "quick" if args.quick else "full", "config": cfg, "sweep": sweep, "chosen": best,
               "teacher": teacher_scores, "methods": methods, "wall_seconds": time.perf_counter() - started,
-              "command": "python benchmarks/quality.py" + (" --quick" if args.quick else "")}
+              "command": "python benchmarks/quality.py" + (" --quick" if args.quick else ""),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": device_name("cpu"), "commit": git_commit(), **versions()}
     out = args.out or RESULTS / ("quality-quick.json" if args.quick else "quality.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -1,8 +1,8 @@
 """Built-in instruction tasks with deterministic references, for benchmarks that must run offline.
 
-Responses range from about 10 to about 300 characters (the tokenizer is character-level, so
-characters are tokens). Every task is a pure function of a random generator, and splits are
-drawn from one seed.
+Responses range from about 5 to about 300 tokens of the word-level tokenizer (a word, a number,
+a letter, a space or a punctuation mark is one token). Every task is a pure function of a random
+generator, and splits are drawn from one seed.
 """
 
 from __future__ import annotations
@@ -11,38 +11,41 @@ import random
 import string
 
 WORDS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "candle", "forest", "rocket",
-         "garden", "silver", "window", "yellow", "dragon", "planet", "shadow", "winter", "button", "kd", "gpu")
-NAMES = ("Ada", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana")
+         "garden", "silver", "window", "yellow", "dragon", "planet", "shadow", "winter", "button", "kernel", "tensor",
+         "bridge", "castle", "pepper", "violet", "summer", "marble", "copper", "falcon", "meadow", "harbor")
+NAMES = ("Ada", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena")
+KEYWORDS = ("count", "to", "repeat", "spell", "reverse", "sort", "list", "for")
+MAX_NUMBER = 300
 
 
 def _count(rng):
-    a = rng.randint(0, 60)
-    b = a + rng.randint(2, 70)
+    a = rng.randint(0, 150)
+    b = a + rng.randint(2, 120)
     return f"count {a} to {b}", " ".join(str(i) for i in range(a, b + 1))
 
 
 def _repeat(rng):
-    word, k = rng.choice(WORDS), rng.randint(2, 40)
+    word, k = rng.choice(WORDS), rng.randint(2, 120)
     return f"repeat {k}: {word}", " ".join([word] * k)
 
 
 def _spell(rng):
-    word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 14)))
-    return f"spell {word}", "-".join(word)
+    words = rng.sample(WORDS, rng.randint(1, 3))
+    return "spell " + " ".join(words), " ".join("-".join(w) for w in words)
 
 
 def _reverse(rng):
-    words = rng.choices(WORDS, k=rng.randint(2, 12))
+    words = rng.choices(WORDS, k=rng.randint(2, 40))
     return "reverse " + " ".join(words), " ".join(reversed(words))
 
 
 def _sort(rng):
-    digits = [rng.choice(string.digits) for _ in range(rng.randint(3, 40))]
+    digits = [rng.choice(string.digits) for _ in range(rng.randint(3, 100))]
     return "sort " + " ".join(digits), " ".join(sorted(digits))
 
 
 def _template(rng):
-    name, thing, k = rng.choice(NAMES), rng.choice(WORDS), rng.randint(1, 12)
+    name, thing, k = rng.choice(NAMES), rng.choice(WORDS), rng.randint(1, 30)
     return f"list {k} {thing} for {name}", " ".join(f"{thing} {i} for {name}." for i in range(1, k + 1))
 
 
@@ -72,16 +75,23 @@ def make_splits(n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[st
             "test": rows[n_train + n_val :]}
 
 
-def build_tokenizer():
-    """Character-level tokenizer (``<pad>`` = 0, ``<eos>`` = 1) built with `tokenizers`, in Hugging Face
-    format: ``build_tokenizer().save_pretrained(path)``."""
+def build_tokenizer(level: str = "word"):
+    """Tokenizer (``<pad>`` = 0, ``<eos>`` = 1) built with `tokenizers`, in Hugging Face format
+    (``build_tokenizer().save_pretrained(path)``). ``"word"``: every word, number (0-300), letter,
+    space and punctuation mark of the tasks is one token; ``"char"``: one token per printable character."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    if level not in ("word", "char"):
+        raise ValueError(f"level must be 'word' or 'char', got {level!r}")
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for ch in string.printable:
-        vocab.setdefault(ch, len(vocab))
+    pieces = string.printable
+    if level == "word":
+        pieces = [*string.printable, *WORDS, *NAMES, *KEYWORDS, *(str(i) for i in range(10, MAX_NUMBER + 1))]
+    for piece in pieces:
+        vocab.setdefault(piece, len(vocab))
+    pattern = "[A-Za-z]+|[0-9]+|[^A-Za-z0-9]" if level == "word" else "."
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")

@@ -49,7 +49,7 @@ def char_tokenizer():
     """The character-level tokenizer of switchkd.tasks (<pad> = 0, <eos> = 1)."""
     from switchkd.tasks import build_tokenizer
 
-    return build_tokenizer()
+    return build_tokenizer("char")
 
 
 def char_gpt2(layers: int, width: int, seed: int, vocab: int = 103):
