@@ -223,7 +223,7 @@ def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAU
     Example::
 
         step = switchkd.fused_switch_step(student_logits, teacher_logits, positions=t,
-                                          policy=switchkd.SwitchPolicy("exp", tau0=0.2, decay=0.01))
+                                          policy=switchkd.SwitchPolicy("exp", tau0=0.3, decay=0.01))
         next_tokens = step.tokens            # int64 [B]
         step.loss.mean().backward()          # gradient flows to student_logits
     """

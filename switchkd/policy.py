@@ -31,8 +31,8 @@ class SwitchPolicy:
 
     Example::
 
-        policy = SwitchPolicy("exp", tau0=0.2, decay=0.01)
-        policy.threshold(10)  # 0.181 nats
+        policy = SwitchPolicy("exp", tau0=0.3, decay=0.01)
+        policy.threshold(10)  # 0.271 nats
     """
 
     kind: str = "exp"
