@@ -27,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from switchkd import SwitchKDConfig, SwitchKDTrainer
 from switchkd.data import DistillDataset, pad_sequences
 from switchkd.evaluate import evaluate
+from switchkd.policy import DEFAULT_DECAY, DEFAULT_TAU0
 from switchkd.tasks import build_tokenizer, make_splits
 
 from harness import device_name, git_commit, versions
@@ -180,8 +181,18 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small smoke run (minutes)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=None, help="report JSON path")
+    parser.add_argument("--steps", type=int, default=None, help="distillation steps per method (overrides the mode)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (overrides the mode)")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="skip the validation sweep: SWITCH uses the library's policy defaults and srkl")
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.steps is not None:
+        cfg["steps"] = args.steps
+    if args.seeds is not None:
+        cfg["seeds"] = args.seeds
+    if args.no_sweep:
+        cfg.update(sweep=[], sweep_losses=[])
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = RESULTS / ("quality-quick-work" if args.quick else "quality-work")
     tokenizer = build_tokenizer()
@@ -209,9 +220,11 @@ def main(argv=None):
         return {"tau0": tau0, "decay": decay, "loss_kind": loss_kind, "validation_rougeL": val, "teacher_share": share}
 
     sweep = [trial(tau0, decay, "srkl") for tau0, decay in cfg["sweep"]]
-    best = max(sweep, key=lambda s: s["validation_rougeL"])
+    best = max(sweep, key=lambda s: s["validation_rougeL"], default=None)
+    if best is None:  # --no-sweep
+        best = {"tau0": DEFAULT_TAU0, "decay": DEFAULT_DECAY, "loss_kind": "srkl"}
     sweep += [trial(best["tau0"], best["decay"], kind) for kind in cfg["sweep_losses"]]
-    best = max(sweep, key=lambda s: s["validation_rougeL"])
+    best = max(sweep, key=lambda s: s["validation_rougeL"], default=best)
 
     methods = {}
     for name in args.methods:
@@ -231,7 +244,7 @@ def main(argv=None):
 
     report = {"mode": "quick" if args.quick else "full", "config": cfg, "sweep": sweep, "chosen": best,
               "teacher": teacher_scores, "methods": methods, "wall_seconds": time.perf_counter() - started,
-              "command": "python benchmarks/quality.py" + (" --quick" if args.quick else ""),
+              "command": " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device_name("cpu"), "commit": git_commit(), **versions()}
     out = args.out or RESULTS / ("quality-quick.json" if args.quick else "quality.json")
