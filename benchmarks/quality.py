@@ -148,8 +148,8 @@ def markdown(report) -> str:
     lines.append(f"| teacher | {100 * overall['rougeL']:.1f} | {100 * overall['exact_match']:.1f} | "
                  + " | ".join(f"{100 * teacher['by_length'][b]['rougeL']:.1f}" for b in buckets) + " | - | - |")
     if report["sweep"]:
-        lines += ["", "Validation sweep of SWITCH (seed 0):", "", "| tau0 | decay | loss | val ROUGE-L | teacher share |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += ["", "Validation sweep of SWITCH (seed 0):", "",
+                  "| tau0 | decay | loss | val ROUGE-L | teacher share |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {t['tau0']} | {t['decay']} | {t['loss_kind']} | {100 * t['validation_rougeL']:.1f} | "
                   f"{t['teacher_share']:.2f} |" for t in report["sweep"]]
     return "\n".join(lines)
