@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from switchkd import SwitchKDConfig, SwitchKDTrainer
 from switchkd.data import DistillDataset, pad_sequences
-from switchkd.evaluate import evaluate
+from switchkd.evaluate import evaluate, write_report
 from switchkd.policy import DEFAULT_DECAY, DEFAULT_TAU0
 from switchkd.tasks import build_tokenizer, make_splits
 
@@ -194,7 +193,6 @@ def main(argv=None):
         cfg["seeds"] = args.seeds
     if args.no_sweep:
         cfg.update(sweep=[], sweep_losses=[])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = RESULTS / ("quality-quick-work" if args.quick else "quality-work")
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(work / "tokenizer")  # Hugging Face format, for `switchkd eval` on the saved models
@@ -220,12 +218,15 @@ def main(argv=None):
               flush=True)
         return {"tau0": tau0, "decay": decay, "loss_kind": loss_kind, "validation_rougeL": val, "teacher_share": share}
 
-    sweep = [trial(tau0, decay, "srkl") for tau0, decay in cfg["sweep"]]
-    best = max(sweep, key=lambda s: s["validation_rougeL"], default=None)
-    if best is None:  # --no-sweep
-        best = {"tau0": DEFAULT_TAU0, "decay": DEFAULT_DECAY, "loss_kind": "srkl"}
+    def best_of(trials, default):
+        return max(trials, key=lambda t: t["validation_rougeL"], default=default)
+
+    loss_kind = METHODS["SWITCH"]["loss_kind"]
+    sweep = [trial(tau0, decay, loss_kind) for tau0, decay in cfg["sweep"]]
+    defaults = {"tau0": DEFAULT_TAU0, "decay": DEFAULT_DECAY, "loss_kind": loss_kind}  # used with --no-sweep
+    best = best_of(sweep, defaults)
     sweep += [trial(best["tau0"], best["decay"], kind) for kind in cfg["sweep_losses"]]
-    best = max(sweep, key=lambda s: s["validation_rougeL"], default=best)
+    best = best_of(sweep, best)
 
     methods = {}
     for name in args.methods:
@@ -249,8 +250,7 @@ def main(argv=None):
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device_name("cpu"), "commit": git_commit(), **versions()}
     out = args.out or RESULTS / ("quality-quick.json" if args.quick else "quality.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, out)
     table = markdown(report)
     out.with_suffix(".md").write_text(table + "\n")
     png = plot(report, out.with_suffix(".png"))

@@ -3,6 +3,7 @@ overall and by reference length."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -12,11 +13,16 @@ from tqdm.auto import tqdm
 DEFAULT_BUCKETS = (16, 64, 128)  # reference-length (tokens) bucket edges
 
 
-def rouge_l(prediction: str, references: list[str]) -> float:
-    """ROUGE-L F-measure with stemming, the best over ``references``."""
+@functools.cache
+def _rouge_l_scorer():
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: list[str]) -> float:
+    """ROUGE-L F-measure with stemming, the best over ``references``."""
+    scorer = _rouge_l_scorer()
     return max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
