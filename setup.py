@@ -33,7 +33,7 @@ setup(
     version="0.1.0",
     description="SWITCH knowledge distillation for Hugging Face LMs with fused Triton kernels",
     python_requires=">=3.10",
-    packages=["switchkd", "switchkd.kernels"],
+    packages=["switchkd", "switchkd.ops", "switchkd.decoding", "switchkd.training", "switchkd.kernels"],
     package_dir={"switchkd": "switchkd", "switchkd.kernels": "kernels"},
     install_requires=["torch>=2.11", "triton>=3.6", "transformers>=5.17", "accelerate>=1.1", "numpy", "tqdm",
                       "rouge-score"],

@@ -83,7 +83,7 @@ def timed(device, fn, *args, **kwargs):
 def bookkeeping_row(batch=64, context=512, steps=500):
     """Host time of one decoding step's block bookkeeping for both models at ``batch`` sequences:
     the forward metadata (``prepare``) and the rollback (``truncate``) of each cache."""
-    from switchkd.kvcache import PagedKVCache
+    from switchkd.decoding.kvcache import PagedKVCache
 
     caches = [PagedKVCache(batch * (context // 16 + 2), 16) for _ in range(2)]
     ids = list(range(batch))

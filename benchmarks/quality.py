@@ -24,10 +24,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from switchkd import SwitchKDConfig, SwitchKDTrainer
-from switchkd.data import DistillDataset, pad_sequences
-from switchkd.evaluate import evaluate, write_report
-from switchkd.policy import DEFAULT_DECAY, DEFAULT_TAU0
-from switchkd.tasks import build_tokenizer, make_splits
+from switchkd.training.data import DistillDataset, pad_sequences
+from switchkd.training.evaluate import evaluate, write_report
+from switchkd.ops.spec import DEFAULT_DECAY, DEFAULT_TAU0
+from tasks import build_tokenizer, make_splits
 
 from harness import device_name, git_commit, versions
 

@@ -7,9 +7,14 @@ uses ``exp2``; log-probabilities handed to the loss terms are natural (nats).
 import triton
 import triton.language as tl
 
-# Loss kinds as kernel constants; the order matches switchkd.reference.LOSS_KINDS.
-FKL, RKL, JSD, SKL, SRKL, TVD = 0, 1, 2, 3, 4, 5
-LOSS_CODES = {"fkl": FKL, "rkl": RKL, "jsd": JSD, "skl": SKL, "srkl": SRKL, "tvd": TVD}
+from switchkd.ops.spec import LOSS_CODES
+
+# Loss kinds as kernel constants (codes from the spec).
+FKL: tl.constexpr = tl.constexpr(LOSS_CODES["fkl"])
+RKL: tl.constexpr = tl.constexpr(LOSS_CODES["rkl"])
+JSD: tl.constexpr = tl.constexpr(LOSS_CODES["jsd"])
+SKL: tl.constexpr = tl.constexpr(LOSS_CODES["skl"])
+SRKL: tl.constexpr = tl.constexpr(LOSS_CODES["srkl"])
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -61,23 +66,23 @@ def _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND: tl.constexpr):
     The gradient w.r.t. the scaled student logits is then ``p_S * (g - sum(p_S * g))``; for
     ``fkl`` it is ``p_S - p_T`` directly and ``g`` is unused.
     """
-    if KIND == 0:  # fkl
+    if KIND == FKL:
         terms = _kl_terms(pt, log_pt, log_ps)
         g = tl.zeros_like(ps)
-    elif KIND == 1:  # rkl
+    elif KIND == RKL:
         terms = _kl_terms(ps, log_ps, log_pt)
         g = tl.where(ps > 0, log_ps - log_pt, 0.0)
-    elif KIND == 2:  # jsd, mixture (1 - beta) p_S + beta p_T
+    elif KIND == JSD:  # mixture (1 - beta) p_S + beta p_T
         m = (1.0 - beta) * ps + beta * pt
         live, log_m = m > 0, _log_mix(m)
         terms = tl.where(live, beta * _kl_terms(pt, log_pt, log_m) + (1.0 - beta) * _kl_terms(ps, log_ps, log_m), 0.0)
         g = tl.where(live & (ps > 0), (1.0 - beta) * (log_ps - log_m), 0.0)
-    elif KIND == 3:  # skl, mixture alpha p_T + (1 - alpha) p_S
+    elif KIND == SKL:  # mixture alpha p_T + (1 - alpha) p_S
         m = alpha * pt + (1.0 - alpha) * ps
         live = m > 0
         terms = tl.where(live, _kl_terms(pt, log_pt, _log_mix(m)), 0.0)
         g = tl.where(live, -(1.0 - alpha) * pt / m, 0.0)
-    elif KIND == 4:  # srkl, mixture alpha p_S + (1 - alpha) p_T
+    elif KIND == SRKL:  # mixture alpha p_S + (1 - alpha) p_T
         m = alpha * ps + (1.0 - alpha) * pt
         live, log_m = m > 0, _log_mix(m)
         terms = tl.where(live, _kl_terms(ps, log_ps, log_m), 0.0)
@@ -106,7 +111,7 @@ def _loss_tile(s, t, cols, mask, grad_row, scale2, inv_temp, m_s, z_s, m_t, z_t,
     terms, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
     loss_acc += tl.where(mask, terms, 0.0)
     if HAS_GRAD:
-        if KIND == 0:
+        if KIND == FKL:
             tl.store(grad_row + cols, ((ps - pt) * inv_temp).to(grad_row.dtype.element_ty), mask=mask)
         else:
             g_acc += tl.where(mask, ps * g, 0.0)

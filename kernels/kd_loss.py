@@ -1,19 +1,9 @@
 """Fused token-level distillation loss: forward and gradient in one kernel per row block."""
 
-import torch
 import triton
 import triton.language as tl
 
-from .divergence import (
-    LOG2E,
-    LOSS_CODES,
-    NEG_BIG,
-    _loss_tile,
-    _online_softmax,
-    _write_grad,
-    block_size,
-    num_warps,
-)
+from .divergence import FKL, LOG2E, NEG_BIG, _loss_tile, _online_softmax, _write_grad
 
 
 @triton.jit
@@ -64,7 +54,7 @@ def _kd_loss_kernel(
         tl.store(loss_ptr + row, tl.where((z_s > 0) & (z_t > 0), tl.sum(loss_acc, 0), float("nan")))
 
         # Sweep 3 (all kinds but fkl): p_S * (g - sum(p_S g)) / T.
-        if HAS_GRAD and KIND != 0:
+        if HAS_GRAD and KIND != FKL:
             _write_grad(s_row, t_row, grad_row, V, scale2, inv_temp, m_s, z_s, m_t, z_t, tl.sum(g_acc, 0),
                         alpha, beta, KIND, BLOCK)
     else:
@@ -73,40 +63,4 @@ def _kd_loss_kernel(
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 tl.store(grad_row + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < V)
-
-
-def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta, temperature, ignore_index,
-                   need_grad):
-    """Launch ``_kd_loss_kernel`` on ``[N, V]`` logits (last dim contiguous).
-
-    Returns ``(loss_rows [N] float32, grad [N, V] in the student dtype or None)``; ``grad`` is the
-    gradient of each row's loss, to be scaled by the upstream gradient.
-    """
-    n_rows, vocab = student_logits.shape
-    loss = torch.empty(n_rows, device=student_logits.device, dtype=torch.float32)
-    grad = torch.empty_like(student_logits) if need_grad else None
-    block = block_size(vocab)
-    if n_rows == 0:
-        return loss, grad
-    _kd_loss_kernel[(n_rows,)](
-        s_ptr=student_logits,
-        t_ptr=teacher_logits,
-        labels_ptr=labels if labels is not None else loss,
-        loss_ptr=loss,
-        grad_ptr=grad if need_grad else loss,
-        s_stride=student_logits.stride(0),
-        t_stride=teacher_logits.stride(0),
-        grad_stride=grad.stride(0) if need_grad else 0,
-        V=vocab,
-        inv_temp=1.0 / temperature,
-        alpha=float(alpha),
-        beta=float(beta),
-        ignore_index=ignore_index,
-        KIND=LOSS_CODES[kind],
-        HAS_LABELS=labels is not None,
-        HAS_GRAD=need_grad,
-        BLOCK=block,
-        num_warps=num_warps(block),
-    )
-    return loss, grad
 

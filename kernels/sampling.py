@@ -29,3 +29,37 @@ def _gumbel2(key, cols):
     u = ((h >> 9).to(tl.float32) * 2.0 + 1.0) * 5.9604644775390625e-08  # (2j + 1) / 2**24
     return -tl.log2(-tl.log2(u))
 
+
+
+@triton.jit
+def _argmax_update(score, start, best, best_col):
+    """Fold the tile starting at column ``start`` into a running (max, argmax); ties keep the lowest column."""
+    tile_best, tile_arg = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
+    take = tile_best > best
+    return tl.where(take, tile_best, best), tl.where(take, start + tile_arg, best_col)
+
+
+@triton.jit
+def _sample_kernel(
+    x_ptr,  # [B, V] logits
+    positions_ptr,  # [B] int64 generated-token index (read unless POS_SCALAR)
+    row_keys_ptr,  # [B] int64 stable sequence ids (read unless KEYS_ARANGE)
+    tokens_ptr,  # [B] int64 output: sampled token
+    x_stride, V, position, seed_key, scale2,
+    MODEL: tl.constexpr, POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr, GREEDY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One Gumbel-max sample per row with the noise of ``switchkd.reference.sample`` (argmax when GREEDY)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    pos = position if POS_SCALAR else tl.load(positions_ptr + row)
+    key = _row_hash(seed_key, row if KEYS_ARANGE else tl.load(row_keys_ptr + row), pos, MODEL)
+    best = -float("inf")
+    tok = 0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        if GREEDY:
+            best, tok = _argmax_update(x, start, best, tok)
+        else:
+            best, tok = _argmax_update(x * scale2 + _gumbel2(key, cols), start, best, tok)
+    tl.store(tokens_ptr + row, tok.to(tl.int64))

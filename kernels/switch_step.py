@@ -1,31 +1,10 @@
 """Fused SWITCH decoding step: divergence, switching decision, both samples and the KD loss."""
 
-import torch
 import triton
 import triton.language as tl
 
-from .divergence import (
-    LOG2E,
-    LOSS_CODES,
-    NEG_BIG,
-    _jsd_terms,
-    _loss_tile,
-    _online_softmax,
-    _write_grad,
-    block_size,
-    num_warps,
-)
-from .sampling import _gumbel2, _row_hash
-
-POLICY_CODES = {"exp": 0, "linear": 1, "constant": 2, "topk": 3, "never": 4, "always": 5}
-
-
-@triton.jit
-def _argmax_update(score, start, best, best_col):
-    """Fold the tile starting at column ``start`` into a running (max, argmax); ties keep the lowest column."""
-    tile_best, tile_arg = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
-    take = tile_best > best
-    return tl.where(take, tile_best, best), tl.where(take, start + tile_arg, best_col)
+from .divergence import FKL, LOG2E, NEG_BIG, _jsd_terms, _loss_tile, _online_softmax, _write_grad
+from .sampling import _argmax_update, _gumbel2, _row_hash
 
 
 @triton.jit
@@ -42,8 +21,8 @@ def _switch_step_kernel(
     loss_ptr,  # [B] float32 output: per-row loss of kind KIND
     grad_ptr,  # [B, V] output: d loss_row / d student logits (written only when HAS_GRAD)
     s_stride, t_stride, grad_stride,
-    V, position, seed_key, inv_temp, tau0, decay, top_k, alpha, beta,
-    POLICY: tl.constexpr, KIND: tl.constexpr, POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr,
+    V, position, seed_key, inv_temp, thr_scale, thr_rate, thr_slope, thr_floor, top_k, alpha, beta,
+    TOPK: tl.constexpr, KIND: tl.constexpr, POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr,
     GREEDY: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -84,7 +63,7 @@ def _switch_step_kernel(
         else:
             best_s, tok_s = _argmax_update(s * scale2 + _gumbel2(key_s, cols), start, best_s, tok_s)
             best_t, tok_t = _argmax_update(t * scale2 + _gumbel2(key_t, cols), start, best_t, tok_t)
-    if POLICY == 3:
+    if TOPK:
         t_at_student = tl.load(t_row + tok_s).to(tl.float32)
 
     # Sweep 2 (from L2): JSD, loss, fkl gradient or the centring term, teacher rank of the student token.
@@ -100,24 +79,17 @@ def _switch_step_kernel(
         loss_acc, g_acc, log_ps, ps, log_pt, pt = _loss_tile(s, t, cols, mask, grad_row, scale2, inv_temp, m_s, z_s,
                                                              m_t, z_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD)
         jsd_acc += tl.where(mask, _jsd_terms(log_ps, ps, log_pt, pt), 0.0)
-        if POLICY == 3:
+        if TOPK:
             rank_acc += (t > t_at_student).to(tl.int32)
     # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0: report such rows as NaN.
     valid = (z_s > 0) & (z_t > 0)
     divergence = tl.where(valid, tl.sum(jsd_acc, 0), float("nan"))
 
-    if POLICY == 0:
-        switch = divergence > tau0 * tl.exp(-decay * pos.to(tl.float32))
-    elif POLICY == 1:
-        switch = divergence > tl.maximum(tau0 - decay * pos.to(tl.float32), 0.0)
-    elif POLICY == 2:
-        switch = divergence > tau0
-    elif POLICY == 3:
+    if TOPK:
         switch = tl.sum(rank_acc, 0) >= top_k
-    elif POLICY == 4:
-        switch = divergence != divergence  # False, except for a NaN row
-    else:
-        switch = divergence == divergence  # True, except for a NaN row
+    else:  # the spec's threshold rule, from its coefficients; NaN rows never switch
+        step = pos.to(tl.float32)
+        switch = divergence > tl.maximum(thr_scale * tl.exp(-thr_rate * step) - thr_slope * step, thr_floor)
     tl.store(tokens_ptr + row, tl.where(switch, tok_t, tok_s).to(tl.int64))
     tl.store(from_teacher_ptr + row, switch.to(tl.uint8))
     tl.store(divergence_ptr + row, divergence)
@@ -126,62 +98,7 @@ def _switch_step_kernel(
     tl.store(loss_ptr + row, tl.where(valid, tl.sum(loss_acc, 0), float("nan")))
 
     # Sweep 3 (all kinds but fkl): p_S * (g - sum(p_S g)) / T.
-    if HAS_GRAD and KIND != 0:
+    if HAS_GRAD and KIND != FKL:
         _write_grad(s_row, t_row, grad_row, V, scale2, inv_temp, m_s, z_s, m_t, z_t, tl.sum(g_acc, 0),
                     alpha, beta, KIND, BLOCK)
 
-
-def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, policy, temperature, seed_key,
-                       kind, alpha, beta, need_grad):
-    """Launch ``_switch_step_kernel`` once over ``[B, V]`` logits (last dim contiguous).
-
-    ``positions`` is an int or an int64 ``[B]`` tensor; ``row_keys`` an int64 ``[B]`` tensor or None
-    (``arange(B)``); ``seed_key`` is ``reference.seed_hash(seed)``. Returns the outputs of
-    ``SwitchStep`` in order, then the per-row gradient ``[B, V]`` (or None).
-    """
-    batch, vocab = student_logits.shape
-    device = student_logits.device
-    tokens = torch.empty(batch, device=device, dtype=torch.int64)
-    from_teacher = torch.empty(batch, device=device, dtype=torch.uint8)
-    divergence = torch.empty(batch, device=device, dtype=torch.float32)
-    student_tokens = torch.empty_like(tokens)
-    teacher_tokens = torch.empty_like(tokens)
-    loss = torch.empty_like(divergence)
-    grad = torch.empty_like(student_logits) if need_grad else None
-    pos_scalar = isinstance(positions, int)
-    block = block_size(vocab)
-    if batch > 0:
-        _switch_step_kernel[(batch,)](
-            s_ptr=student_logits,
-            t_ptr=teacher_logits,
-            positions_ptr=tokens if pos_scalar else positions,
-            row_keys_ptr=tokens if row_keys is None else row_keys,
-            tokens_ptr=tokens,
-            from_teacher_ptr=from_teacher,
-            divergence_ptr=divergence,
-            s_tokens_ptr=student_tokens,
-            t_tokens_ptr=teacher_tokens,
-            loss_ptr=loss,
-            grad_ptr=grad if need_grad else loss,
-            s_stride=student_logits.stride(0),
-            t_stride=teacher_logits.stride(0),
-            grad_stride=grad.stride(0) if need_grad else 0,
-            V=vocab,
-            position=positions if pos_scalar else 0,
-            seed_key=seed_key,
-            inv_temp=1.0 / temperature if temperature > 0 else 1.0,
-            tau0=float(policy.tau0),
-            decay=float(policy.decay),
-            top_k=int(policy.top_k),
-            alpha=float(alpha),
-            beta=float(beta),
-            POLICY=POLICY_CODES[policy.kind],
-            KIND=LOSS_CODES[kind],
-            POS_SCALAR=pos_scalar,
-            KEYS_ARANGE=row_keys is None,
-            GREEDY=temperature == 0,
-            HAS_GRAD=need_grad,
-            BLOCK=block,
-            num_warps=num_warps(block),
-        )
-    return tokens, from_teacher.view(torch.bool), divergence, student_tokens, teacher_tokens, loss, grad

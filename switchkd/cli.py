@@ -9,8 +9,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from .policy import DEFAULT_DECAY, DEFAULT_TAU0, DEFAULT_TOP_K, POLICY_KINDS
-from .reference import LOSS_KINDS
+from .ops.spec import DEFAULT_DECAY, DEFAULT_TAU0, DEFAULT_TOP_K, LOSS_KINDS, POLICY_KINDS
 
 
 class UsageError(Exception):
@@ -29,7 +28,7 @@ def _load(model_dir: str, what: str):
 
 
 def _dataset(path, tokenizer, args):
-    from .data import DistillDataset
+    from .training.data import DistillDataset
 
     return DistillDataset(path, tokenizer, max_prompt_tokens=args.max_prompt_tokens, max_length=args.max_length)
 
@@ -40,8 +39,8 @@ def _require_file(path: str, what: str):
 
 
 def cmd_distill(args):
-    from .generate import _vocab_size
-    from .trainer import SwitchKDConfig, SwitchKDTrainer
+    from .decoding.generator import _vocab_size
+    from .training import SwitchKDConfig, SwitchKDTrainer
 
     _require_file(args.train, "training data")
     teacher, _ = _load(args.teacher, "teacher")
@@ -72,14 +71,14 @@ def cmd_distill(args):
 
 
 def cmd_generate(args):
-    from .evaluate import generate_responses
+    from .training.evaluate import generate_responses
 
     model, tokenizer = _load(args.model, "model")
     if args.prompt is not None:
         prompts = [args.prompt]
     else:
         _require_file(args.data, "prompt data")
-        from .data import read_jsonl
+        from .training.data import read_jsonl
 
         prompts = [p for p, _ in read_jsonl(args.data)]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -96,7 +95,7 @@ def cmd_generate(args):
 
 
 def cmd_eval(args):
-    from .evaluate import evaluate, format_table, write_report
+    from .training.evaluate import evaluate, format_table, write_report
 
     _require_file(args.data, "test data")
     model, tokenizer = _load(args.model, "model")

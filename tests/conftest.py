@@ -4,12 +4,17 @@ TRITON_INTERPRET must be set before triton is imported, so this happens at colle
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # tasks, quality, harness
+
+from switchkd.ops.spec import default_backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -17,6 +22,19 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request):
+    """Each op test runs on the PyTorch reference and on the Triton kernels (interpreted on CPU)."""
+    return request.param
+
+
+@pytest.fixture
+def reference_backend():
+    """Ops called with backend="auto" run the reference: for model-level tests, whose kernels have their own."""
+    with default_backend("reference"):
+        yield
 
 
 def random_logits(rows, vocab, dtype=torch.float32, device=DEVICE, spread=(0.5, 4.0)):

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from switchkd import SwitchKDConfig, SwitchKDTrainer  # noqa: E402
-from switchkd.data import DistillDataset  # noqa: E402
+from switchkd.training.data import DistillDataset  # noqa: E402
 
 from models import REVERSE_ROWS, char_gpt2, char_tokenizer  # noqa: E402
 

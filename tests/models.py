@@ -47,7 +47,7 @@ def pair(family: str, dtype=torch.float64):
 
 def char_tokenizer():
     """The character-level tokenizer of switchkd.tasks (<pad> = 0, <eos> = 1)."""
-    from switchkd.tasks import build_tokenizer
+    from tasks import build_tokenizer
 
     return build_tokenizer("char")
 

@@ -10,8 +10,8 @@ from models import REVERSE_ROWS, char_gpt2, char_tokenizer
 
 
 @pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def _reference(reference_backend):
+    """Model-level tests run the reference ops; the kernels have their own tests (the interpreter is slow)."""
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from switchkd.data import DistillCollator, DistillDataset, pad_sequences, read_jsonl
+from switchkd.training.data import DistillCollator, DistillDataset, pad_sequences, read_jsonl
 
 from models import char_tokenizer
 

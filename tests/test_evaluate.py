@@ -1,6 +1,6 @@
 import pytest
 
-from switchkd.evaluate import format_table, rouge_l, score
+from switchkd.training.evaluate import format_table, rouge_l, score
 
 
 def test_rouge_l_is_stemmed_and_takes_the_best_reference():

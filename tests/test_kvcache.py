@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from switchkd.kvcache import PagedKVCache, paged_attention
+from switchkd.decoding.kvcache import PagedKVCache, paged_attention
 
 
 class _Layer(torch.nn.Module):

@@ -3,15 +3,10 @@
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
-def test_quick_quality_report(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels have their own tests; keep the smoke run quick
-    import quality
+def test_quick_quality_report(tmp_path, reference_backend):
+    import quality  # benchmarks/ is on sys.path (conftest)
 
     out = tmp_path / "quality-quick.json"
     quality.main(["--quick", "--out", str(out)])

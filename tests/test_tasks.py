@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from switchkd.tasks import TASKS, build_tokenizer, make_splits
+from tasks import TASKS, build_tokenizer, make_splits
 
 
 def test_splits_are_disjoint_deterministic_and_balanced():

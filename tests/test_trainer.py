@@ -8,15 +8,14 @@ import pytest
 import torch
 
 from switchkd import SwitchKDConfig, SwitchKDTrainer
-from switchkd.data import DistillDataset
+from switchkd.training.data import DistillDataset
 
 from models import REVERSE_ROWS, char_gpt2, char_tokenizer
 
 
 @pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    """Trainer tests exercise the training loop; the kernels have their own tests (the interpreter is slow)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def _reference(reference_backend):
+    """Model-level tests run the reference ops; the kernels have their own tests (the interpreter is slow)."""
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +102,7 @@ def test_resume_ends_with_the_same_weights(tmp_path, tokenizer):
 
 def test_two_process_ddp_equals_one_process(tmp_path):
     script = Path(__file__).with_name("ddp_train.py")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "SWITCHKD_BACKEND": "reference", "OMP_NUM_THREADS": "1"}
     runs = {}
     for procs in (1, 2):
         out = tmp_path / f"p{procs}"

@@ -16,29 +16,16 @@ Conventions (natural log throughout, ``p_S = softmax(s / T)``, ``p_T = softmax(t
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 
-from .policy import DEFAULT_POLICY
+from .spec import DEFAULT_POLICY, LOSS_KINDS, SwitchStep, canonical_kind
 
-LOSS_KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 STUDENT, TEACHER = 0, 1  # the `model` field of the sampling noise
 
 _MASK32 = 0xFFFFFFFF
 _SEED_SALT = 0x243F6A88
 _GOLDEN = 0x9E3779B9
 
-
-class SwitchStep(NamedTuple):
-    """Result of one switch step; every field is indexed by row ``[B]``."""
-
-    tokens: torch.Tensor  # int64, the kept token
-    from_teacher: torch.Tensor  # bool, True where the teacher's token was kept
-    divergence: torch.Tensor  # float32, JSD(p_T, p_S) in nats
-    student_tokens: torch.Tensor  # int64, the student's own sample
-    teacher_tokens: torch.Tensor  # int64, the teacher's own sample
-    loss: torch.Tensor  # float32 (float64 for float64 logits), kind `loss`, differentiable w.r.t. student logits
 
 
 # ----------------------------------------------------------------------------------- sampling noise
@@ -77,29 +64,28 @@ def uniform_noise(seed: int, row_keys: torch.Tensor, positions: torch.Tensor, mo
     return ((h >> 9) * 2 + 1).to(torch.float64) * 2.0**-24
 
 
-def sample(logits, temperature, seed, row_keys, positions, model):
-    """Gumbel-max sample from ``softmax(logits / temperature)``; ``temperature == 0`` is argmax.
+def _rows_and_keys(batch: int, device, positions, row_keys):
+    """``[B]`` int64 positions (an int broadcasts) and row keys (default ``arange(B)``)."""
+    positions = torch.as_tensor(positions, device=device).to(torch.int64).expand(batch)
+    return positions, torch.arange(batch, device=device) if row_keys is None else row_keys
+
+
+def sample(logits, positions=0, *, temperature=1.0, seed=0, row_keys=None, model=STUDENT):
+    """Gumbel-max sample from ``softmax(logits / temperature)`` over ``[B, V]``; ``temperature == 0`` is argmax.
 
     Scores are in base 2: ``logits / T * log2(e) - log2(-log2(u))``, the Gumbel trick up to a
-    constant factor and offset. Ties go to the lowest index.
+    constant factor and offset. Ties go to the lowest index. ``model`` picks the noise stream
+    (``STUDENT`` = 0, ``TEACHER`` = 1), as in :func:`switch_step`.
     """
     if temperature == 0:
         return logits.argmax(-1)
+    positions, row_keys = _rows_and_keys(logits.shape[0], logits.device, positions, row_keys)
     u = uniform_noise(seed, row_keys, positions, model, logits.shape[-1])
     scores = logits.to(torch.float64) * (math.log2(math.e) / temperature) - torch.log2(-torch.log2(u))
     return scores.argmax(-1)
 
 
 # -------------------------------------------------------------------------------------- divergences
-def canonical_kind(kind: str, beta: float) -> str:
-    """``jsd`` at the ends of its range is ``fkl`` (beta = 0) or ``rkl`` (beta = 1)."""
-    if kind == "jsd" and beta == 0.0:
-        return "fkl"
-    if kind == "jsd" and beta == 1.0:
-        return "rkl"
-    return kind
-
-
 def _kl_terms(log_p, log_q):
     """Elementwise p * (log p - log q), with 0 where p = 0 (and no NaN gradient there)."""
     live = log_p > -math.inf
@@ -146,11 +132,6 @@ def log_probs(logits, temperature: float):
     return torch.log_softmax(logits.to(_compute_dtype(logits.dtype)) / temperature, dim=-1)
 
 
-def jsd(student_logits, teacher_logits, temperature: float = 1.0):
-    """Symmetric Jensen-Shannon divergence per row, nats, in [0, ln 2]."""
-    return row_divergence(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature), "jsd")
-
-
 # ---------------------------------------------------------------------------------------------- ops
 def kd_loss(student_logits, teacher_logits, labels=None, *, kind="srkl", alpha=0.1, beta=0.5,
             temperature=1.0, ignore_index=-100, reduction="mean"):
@@ -173,24 +154,21 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, kind="srkl", alpha=0
 def switch_step(student_logits, teacher_logits, positions, *, policy=DEFAULT_POLICY, temperature=1.0,
                 seed=0, row_keys=None, loss="fkl", alpha=0.1, beta=0.5) -> SwitchStep:
     """One SWITCH decoding step over ``[B, V]`` logits; see ``switchkd.fused_switch_step``."""
-    batch = student_logits.shape[0]
-    device = student_logits.device
-    positions = torch.as_tensor(positions, device=device).to(torch.int64).expand(batch)
-    if row_keys is None:
-        row_keys = torch.arange(batch, device=device)
+    positions, row_keys = _rows_and_keys(student_logits.shape[0], student_logits.device, positions, row_keys)
     div_temperature = temperature if temperature > 0 else 1.0
     log_ps = log_probs(student_logits, div_temperature)
     log_pt = log_probs(teacher_logits, div_temperature).detach()
     divergence = row_divergence(log_ps.detach(), log_pt, "jsd")
     rows = row_divergence(log_ps, log_pt, loss, alpha, beta)
 
-    student_tokens = sample(student_logits.detach(), temperature, seed, row_keys, positions, STUDENT)
-    teacher_tokens = sample(teacher_logits, temperature, seed, row_keys, positions, TEACHER)
+    noise = {"temperature": temperature, "seed": seed, "row_keys": row_keys}
+    student_tokens = sample(student_logits.detach(), positions, model=STUDENT, **noise)
+    teacher_tokens = sample(teacher_logits, positions, model=TEACHER, **noise)
     if policy.kind == "topk":
         t = teacher_logits.detach()
         rank = (t > t.gather(-1, student_tokens[:, None])).sum(-1)
         from_teacher = rank >= policy.top_k
     else:
-        from_teacher = divergence.to(torch.float64) > policy.thresholds(positions)
+        from_teacher = divergence.to(torch.float64) > policy.thresholds(positions).to(student_logits.device)
     tokens = torch.where(from_teacher, teacher_tokens, student_tokens)
     return SwitchStep(tokens, from_teacher, divergence.float(), student_tokens, teacher_tokens, rows)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .ops import _check_labels, _check_loss_args, _check_temperature, resolve_backend
+from .kd_loss import kd_loss_triton
+from .spec import canonical_kind, check_labels, check_loss_args, check_temperature, resolve_backend
 
 CHUNK_ELEMENTS = 2**26  # default chunk: about 64M logits (256 MiB in float32) per model
 
@@ -13,8 +14,6 @@ CHUNK_ELEMENTS = 2**26  # default chunk: about 64M logits (256 MiB in float32) p
 def _rows_and_logit_grad(s_logits, t_logits, labels, backend, **loss_args):
     """Per-row loss and d(row loss)/d(student logits) of one chunk, on the chosen backend."""
     if backend == "triton":
-        from .kernels.kd_loss import kd_loss_triton
-
         return kd_loss_triton(s_logits, t_logits, labels, need_grad=True, **loss_args)
     with torch.enable_grad():
         s = s_logits.detach().requires_grad_()
@@ -99,8 +98,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(f"student_hidden rows {tuple(student_hidden.shape[:-1])} != teacher_hidden rows "
                          f"{tuple(teacher_hidden.shape[:-1])}")
-    _check_loss_args(kind, alpha, beta)
-    _check_temperature(temperature, allow_zero=False)
+    check_loss_args(kind, alpha, beta)
+    check_temperature(temperature, allow_zero=False)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' (per-row losses: use kd_loss), got {reduction!r}")
     if chunk_rows is None:
@@ -109,9 +108,9 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     lead_shape = student_hidden.shape[:-1]
     if labels is not None:
-        _check_labels(labels, lead_shape, student_hidden.device)
+        check_labels(labels, lead_shape, student_hidden.device)
         labels = labels.reshape(-1).to(torch.int64)
-    loss_args = {"kind": reference.canonical_kind(kind, beta), "alpha": alpha, "beta": beta,
+    loss_args = {"kind": canonical_kind(kind, beta), "alpha": alpha, "beta": beta,
                  "temperature": float(temperature), "ignore_index": ignore_index}
     out = FusedLinearKDFunction.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,

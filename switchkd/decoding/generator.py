@@ -19,11 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from .kvcache import ATTENTION_NAME, PagedKVCache
-from .ops import fused_switch_step
-from .policy import DEFAULT_POLICY, SwitchPolicy
-
-NEVER = SwitchPolicy("never")
-
+from ..ops.spec import DEFAULT_POLICY, SwitchPolicy
+from ..ops.switch_step import fused_switch_step, sample
 
 @dataclass
 class SwitchOutput:
@@ -290,9 +287,7 @@ class _Decode:
     def _sample_student(self, logits, ids, gen_index):
         keys = torch.tensor(ids, device=self.device)
         positions = torch.tensor(gen_index, device=self.device)
-        step = fused_switch_step(logits, logits, positions, policy=NEVER, temperature=self.temperature,
-                                 seed=self.seed, row_keys=keys)
-        return step.student_tokens.tolist()
+        return sample(logits, positions, temperature=self.temperature, seed=self.seed, row_keys=keys).tolist()
 
     def _draft_len(self, active) -> int:
         """Fixed ``draft_len``, or the candidate with the best measured token rate (each is tried

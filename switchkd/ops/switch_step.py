@@ -1,0 +1,202 @@
+"""fused_switch_step (one SWITCH decoding step in one launch) and sample (plain sampling, same noise)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .spec import (
+    DEFAULT_POLICY,
+    LOSS_CODES,
+    SwitchPolicy,
+    SwitchStep,
+    canonical_kind,
+    check_int,
+    check_int_rows,
+    check_logits,
+    check_loss_args,
+    check_pair,
+    check_positions,
+    check_temperature,
+    resolve_backend,
+    rows_2d,
+)
+from .stored_grad import attach_grad
+
+LOG2E = 1.4426950408889634
+
+
+def _launch_config(vocab: int) -> dict:
+    from ..kernels.divergence import block_size, num_warps
+
+    block = block_size(vocab)
+    return {"BLOCK": block, "num_warps": num_warps(block)}
+
+
+def _row_inputs(positions, row_keys, fallback: torch.Tensor) -> dict:
+    """Kernel arguments for ``positions`` (int or ``[B]``) and ``row_keys`` (``[B]`` or None = arange)."""
+    scalar = isinstance(positions, int)
+    return {
+        "positions_ptr": fallback if scalar else positions,
+        "position": positions if scalar else 0,
+        "row_keys_ptr": fallback if row_keys is None else row_keys,
+        "POS_SCALAR": scalar,
+        "KEYS_ARANGE": row_keys is None,
+    }
+
+
+def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, policy, temperature, seed, kind,
+                       alpha, beta, need_grad):
+    """Launch ``_switch_step_kernel`` once over ``[B, V]`` logits (last dim contiguous).
+
+    Returns a :class:`SwitchStep` whose ``loss`` carries no graph, and the per-row gradient
+    ``d loss[b] / d student_logits[b]`` ``[B, V]`` (or None).
+    """
+    from ..kernels.switch_step import _switch_step_kernel
+
+    batch, vocab = student_logits.shape
+    tokens = student_logits.new_empty(batch, dtype=torch.int64)
+    from_teacher = student_logits.new_empty(batch, dtype=torch.uint8)
+    divergence = student_logits.new_empty(batch, dtype=torch.float32)
+    student_tokens, teacher_tokens, loss = torch.empty_like(tokens), torch.empty_like(tokens), torch.empty_like(
+        divergence)
+    grad = torch.empty_like(student_logits) if need_grad else None
+    thr = policy.coefficients()
+    if batch > 0:
+        _switch_step_kernel[(batch,)](
+            s_ptr=student_logits, t_ptr=teacher_logits, tokens_ptr=tokens, from_teacher_ptr=from_teacher,
+            divergence_ptr=divergence, s_tokens_ptr=student_tokens, t_tokens_ptr=teacher_tokens, loss_ptr=loss,
+            grad_ptr=grad if need_grad else loss,
+            s_stride=student_logits.stride(0), t_stride=teacher_logits.stride(0),
+            grad_stride=grad.stride(0) if need_grad else 0,
+            V=vocab, seed_key=reference.seed_hash(seed), inv_temp=1.0 / temperature if temperature > 0 else 1.0,
+            thr_scale=thr.scale, thr_rate=thr.rate, thr_slope=thr.slope, thr_floor=thr.floor,
+            top_k=policy.top_k, alpha=float(alpha), beta=float(beta),
+            TOPK=policy.kind == "topk", KIND=LOSS_CODES[kind], GREEDY=temperature == 0, HAS_GRAD=need_grad,
+            **_row_inputs(positions, row_keys, tokens), **_launch_config(vocab),
+        )
+    step = SwitchStep(tokens, from_teacher.view(torch.bool), divergence, student_tokens, teacher_tokens, loss)
+    return step, grad
+
+
+def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAULT_POLICY, temperature=1.0, seed=0,
+                      row_keys=None, loss="fkl", alpha=0.1, beta=0.5, backend="auto",
+                      check_finite=True) -> SwitchStep:
+    """One SWITCH decoding step over a batch of next-token logits, fused in one kernel launch.
+
+    Per row: ``p_S = softmax(student / T)``, ``p_T = softmax(teacher / T)``, ``d = JSD(p_T, p_S)``
+    (nats), a Gumbel-max sample from each model, and the teacher's sample is kept when ``policy``
+    says so (e.g. ``d > tau0 * exp(-decay * t)``). Also returns the per-row loss of kind ``loss``,
+    differentiable w.r.t. ``student_logits``: with ``z = s / T``, ``p_S = softmax(z)`` and
+    ``g = dL/dp_S``, the kernel writes ``dL/ds = p_S * (g - sum(p_S * g)) / T`` (``(p_S - p_T) / T``
+    for ``fkl``) in the same pass, and backward only scales it.
+
+    Args:
+        student_logits, teacher_logits: ``[B, V]`` float32/bfloat16/float16 (float64 runs the reference).
+        positions: int or ``[B]`` ints: index of the generated token (0 = first), drives the threshold.
+        policy: :class:`SwitchPolicy`.
+        temperature: sampling and divergence temperature; 0 = greedy (divergences then at T = 1).
+        seed, row_keys: the noise is a pure function of (seed, row_keys[b], positions[b], model, token),
+            so the same logits and seed give the same tokens on every backend and decoding mode.
+            ``row_keys`` ``[B]`` ints, default ``arange(B)``.
+        loss, alpha, beta: the loss kind (``fkl rkl jsd skl srkl tvd``) and its parameters.
+        backend: ``auto`` | ``triton`` | ``reference``.
+        check_finite: raise ``ValueError`` for rows whose logits hold NaN/+inf (or are all -inf);
+            costs one host sync on a ``[B]`` tensor.
+
+    Returns:
+        ``SwitchStep(tokens, from_teacher, divergence, student_tokens, teacher_tokens, loss)``, each ``[B]``.
+
+    Example::
+
+        step = switchkd.fused_switch_step(student_logits, teacher_logits, positions=t,
+                                          policy=switchkd.SwitchPolicy("exp", tau0=0.3, decay=0.01))
+        next_tokens = step.tokens            # int64 [B]
+        step.loss.mean().backward()          # gradient flows to student_logits
+    """
+    check_pair(student_logits, teacher_logits, max_dim=2)
+    if not isinstance(policy, SwitchPolicy):
+        raise TypeError(f"policy must be a switchkd.SwitchPolicy, got {type(policy).__name__}")
+    check_temperature(temperature, allow_zero=True)
+    check_loss_args(loss, alpha, beta)
+    check_int("seed", seed)
+    batch, device = student_logits.shape[0], student_logits.device
+    positions = check_positions(positions, batch, device)
+    if row_keys is not None:
+        row_keys = check_int_rows("row_keys", row_keys, batch, device)
+    options = {"policy": policy, "temperature": temperature, "seed": seed, "row_keys": row_keys,
+               "loss": canonical_kind(loss, beta), "alpha": alpha, "beta": beta}
+
+    if resolve_backend(student_logits, backend) == "reference":
+        step = reference.switch_step(student_logits, teacher_logits, positions, **options)
+    else:
+        s, t = rows_2d(student_logits), rows_2d(teacher_logits.detach())
+        options["kind"] = options.pop("loss")
+        step, grad = switch_step_triton(s, t, positions, need_grad=s.requires_grad, **options)
+        step = step._replace(loss=attach_grad(s, step.loss, grad))
+    if check_finite:
+        _raise_on_bad_rows(step.divergence, student_logits, teacher_logits)
+    return step
+
+
+def _raise_on_bad_rows(divergence, student_logits, teacher_logits):
+    bad = torch.isnan(divergence)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().flatten()[:8].tolist()
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        x = x.detach()[bad]
+        if bool((x.isnan() | x.isposinf()).any() | (x == float("-inf")).all(-1).any()):
+            raise ValueError(f"{name} has NaN/+inf values or an all -inf row in row(s) {rows}")
+    raise ValueError(f"the divergence is NaN in row(s) {rows}")
+
+
+def sample(logits, positions=0, *, temperature=1.0, seed=0, row_keys=None, model=reference.STUDENT,
+           backend="auto") -> torch.Tensor:
+    """Sample one token per row from ``softmax(logits / temperature)`` with switchkd's counter-based noise.
+
+    The tokens are those :func:`fused_switch_step` would draw for the same model: ``model=0`` is the
+    student's noise stream (``student_tokens``), ``model=1`` the teacher's. A pure function of
+    ``(seed, row_keys[b], positions[b], model)`` and the logits; no host sync.
+
+    Args:
+        logits: ``[B, V]`` float32/bfloat16/float16/float64.
+        positions: int or ``[B]`` ints (the generated-token index of each row).
+        temperature: > 0, or 0 for argmax.
+        seed, row_keys: as in :func:`fused_switch_step`.
+
+    Returns:
+        int64 ``[B]`` token ids.
+
+    Example::
+
+        next_tokens = switchkd.sample(logits[:, -1], positions=t, temperature=0.8, seed=0)
+    """
+    check_logits("logits", logits, max_dim=2)
+    check_temperature(temperature, allow_zero=True)
+    check_int("seed", seed)
+    if model not in (reference.STUDENT, reference.TEACHER):
+        raise ValueError(f"model must be 0 (student noise) or 1 (teacher noise), got {model!r}")
+    batch, device = logits.shape[0], logits.device
+    positions = check_positions(positions, batch, device)
+    if row_keys is not None:
+        row_keys = check_int_rows("row_keys", row_keys, batch, device)
+    if resolve_backend(logits, backend) == "reference":
+        return reference.sample(logits, positions, temperature=temperature, seed=seed, row_keys=row_keys,
+                                model=model)
+    return sample_triton(rows_2d(logits), positions, row_keys, temperature=temperature, seed=seed, model=model)
+
+
+def sample_triton(logits, positions, row_keys, *, temperature, seed, model):
+    """Launch ``_sample_kernel`` over ``[B, V]`` logits (last dim contiguous); returns int64 ``[B]`` tokens."""
+    from ..kernels.sampling import _sample_kernel
+
+    batch, vocab = logits.shape
+    tokens = logits.new_empty(batch, dtype=torch.int64)
+    if batch > 0:
+        _sample_kernel[(batch,)](
+            x_ptr=logits, tokens_ptr=tokens, x_stride=logits.stride(0), V=vocab, seed_key=reference.seed_hash(seed),
+            scale2=LOG2E / temperature if temperature > 0 else 1.0, MODEL=model, GREEDY=temperature == 0,
+            **_row_inputs(positions, row_keys, tokens), **_launch_config(vocab),
+        )
+    return tokens

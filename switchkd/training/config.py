@@ -1,0 +1,65 @@
+"""SwitchKDConfig: ``TrainingArguments`` plus the distillation options; the one source of every option,
+its default and its help (the CLI is generated from it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..ops.spec import DEFAULT_DECAY, DEFAULT_TAU0, DEFAULT_TOP_K, LOSS_KINDS, POLICY_KINDS, SwitchPolicy
+
+SOURCES = ("switch", "student", "teacher", "dataset", "adaptive")
+
+
+@dataclass
+class SwitchKDConfig(TrainingArguments):
+    """``TrainingArguments`` plus what a distillation step needs.
+
+    ``source`` picks each step's sequences: ``switch`` (SWITCH decoding with ``policy``/``tau0``/
+    ``decay``/``top_k``), ``student`` (GKD: the student's own samples), ``teacher`` (SeqKD),
+    ``dataset`` (the data's responses; supervised KD), or ``adaptive`` (DistiLLM: student samples
+    with a probability rising to ``adaptive_max_prob`` over the first ``adaptive_warmup_ratio`` of
+    training, reused from a replay buffer of ``replay_size`` sequences with probability ``replay_ratio``).
+    """
+
+    source: str = field(default="switch", metadata={"help": f"sequence source, one of {SOURCES}"})
+    loss_kind: str = field(default="srkl", metadata={"help": f"KD loss, one of {LOSS_KINDS}"})
+    kd_alpha: float = field(default=0.1, metadata={"help": "skew of skl/srkl"})
+    kd_beta: float = field(default=0.5, metadata={"help": "weight of jsd (0 = fkl, 1 = rkl)"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "temperature of the KD loss"})
+    kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss (0 with ce_weight > 0 = SFT)"})
+    ce_weight: float = field(default=0.0, metadata={"help": "weight of cross-entropy on dataset responses"})
+    policy: str = field(default="exp", metadata={"help": f"SwitchPolicy kind for source=switch, one of {POLICY_KINDS}"})
+    tau0: float = field(default=DEFAULT_TAU0, metadata={"help": "initial JSD threshold (nats)"})
+    decay: float = field(default=DEFAULT_DECAY, metadata={"help": "threshold decay per generated token"})
+    top_k: int = field(default=DEFAULT_TOP_K, metadata={"help": "k of the topk (SKD) policy"})
+    max_new_tokens: int = field(default=128, metadata={"help": "generated tokens per sequence"})
+    gen_temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
+    draft_len: int = field(default=4, metadata={"help": "most student tokens drafted per teacher forward"})
+    block_size: int = field(default=16, metadata={"help": "KV-cache block size of the generator"})
+    adaptive_max_prob: float = field(default=0.5, metadata={"help": "adaptive: final P(student samples)"})
+    adaptive_warmup_ratio: float = field(default=0.5, metadata={"help": "adaptive: share of training to reach it"})
+    replay_size: int = field(default=1000, metadata={"help": "adaptive: replay buffer capacity (sequences)"})
+    replay_ratio: float = field(default=0.5, metadata={"help": "adaptive: P(reuse from the buffer)"})
+    fused_linear_loss: bool = field(default=False, metadata={
+        "help": "KD loss from last hidden states and LM heads (fused_linear_kd_loss): no full [N, V] logits"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep the token lists (needed)"})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "every student weight is used"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.loss_kind not in LOSS_KINDS:
+            raise ValueError(f"loss_kind must be one of {LOSS_KINDS}, got {self.loss_kind!r}")
+        for name in ("adaptive_max_prob", "adaptive_warmup_ratio", "replay_ratio", "kd_alpha", "kd_beta"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("max_new_tokens", "draft_len", "block_size", "replay_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.switch_policy()  # validates policy/tau0/decay/top_k
+
+    def switch_policy(self) -> SwitchPolicy:
+        return SwitchPolicy(self.policy, tau0=self.tau0, decay=self.decay, top_k=self.top_k)
