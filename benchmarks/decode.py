@@ -132,3 +132,12 @@ def run_decode(device, dtype, pair_names, batches, prompt_len, max_new_tokens, v
                              "teacher_forwards": out.teacher_forwards, "student_forwards": out.student_forwards,
                              "bookkeeping_us_per_forward": 1e6 * out.bookkeeping_seconds / forwards})
     return rows
+
+
+# Decode: (model pairs, batches, prompt length, new tokens, vocabulary).
+GPU_DECODE = (["gpt2-large/small", "llama-1b/160m"], [1, 16, 64], 64, 128, 32000)
+CPU_DECODE = (["gpt2-tiny"], [8], 16, 96, 8192)
+
+
+def run(section, ctx):
+    return run_decode(ctx.device, ctx.dtype, *(GPU_DECODE if ctx.full else CPU_DECODE))

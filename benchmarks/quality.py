@@ -24,12 +24,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from switchkd import SwitchKDConfig, SwitchKDTrainer
+from switchkd.ops.spec import DEFAULT_DECAY, DEFAULT_TAU0
 from switchkd.training.data import DistillDataset, pad_sequences
 from switchkd.training.evaluate import evaluate, write_report
-from switchkd.ops.spec import DEFAULT_DECAY, DEFAULT_TAU0
-from tasks import build_tokenizer, make_splits
 
 from harness import device_name, git_commit, versions
+from tasks import build_tokenizer, make_splits
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUCKETS = (32, 96, 192)

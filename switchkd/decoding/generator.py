@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .kvcache import ATTENTION_NAME, PagedKVCache
 from ..ops.spec import DEFAULT_POLICY, SwitchPolicy
 from ..ops.switch_step import fused_switch_step, sample
+from .kvcache import ATTENTION_NAME, PagedKVCache
+
 
 @dataclass
 class SwitchOutput:

@@ -16,6 +16,7 @@ Conventions (natural log throughout, ``p_S = softmax(s / T)``, ``p_T = softmax(t
 from __future__ import annotations
 
 import math
+
 import torch
 
 from .spec import DEFAULT_POLICY, LOSS_KINDS, SwitchStep, canonical_kind

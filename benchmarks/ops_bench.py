@@ -1,0 +1,102 @@
+"""switch_step and kd_loss sections of the throughput benchmark: each fused op against its PyTorch
+reference (eager, ``torch.compile``) and Liger-Kernel's JSD where installed; GB/s against the bytes
+the op must move (both logits read once, the gradient written once)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import switchkd
+from switchkd import reference
+
+from harness import measure
+
+GPU_SIZES = {
+    "switch_step": [(b, v) for v in (32000, 50257, 128256, 151936) for b in (1, 32, 256)],
+    "kd_loss": [(n, v) for v in (32000, 50257, 128256, 151936) for n in (4096, 8192, 16384)],
+}
+CPU_SIZES = {"switch_step": [(16, 32000)], "kd_loss": [(128, 32000)]}
+POLICY = switchkd.SwitchPolicy("exp", tau0=0.2, decay=0.01)
+
+
+def liger_jsd():
+    """Liger-Kernel's JSD module (beta = 0.5 is the symmetric JSD), or None."""
+    try:
+        from liger_kernel.transformers import LigerJSD
+    except ImportError:
+        return None
+    return LigerJSD(beta=0.5)
+
+
+def switch_step_providers(device, compile_reference):
+    def fused(s, t, pos):
+        return switchkd.fused_switch_step(s, t, pos, policy=POLICY, check_finite=False)
+
+    def eager(s, t, pos):
+        return reference.switch_step(s, t, pos, policy=POLICY)
+
+    providers = {"switchkd": fused, "eager": eager}
+    if compile_reference:
+        providers["compiled"] = torch.compile(eager)
+    return providers
+
+
+def kd_loss_providers(device, compile_reference):
+    def fused(s, t):
+        switchkd.kd_loss(s, t, kind="jsd", beta=0.5).backward()
+
+    def eager(s, t):
+        reference.kd_loss(s, t, kind="jsd", beta=0.5).backward()
+
+    providers = {"switchkd": fused, "eager": eager}
+    if compile_reference:
+        compiled = torch.compile(reference.kd_loss)
+        providers["compiled"] = lambda s, t: compiled(s, t, kind="jsd", beta=0.5).backward()
+    jsd = liger_jsd() if device == "cuda" else None
+    if jsd is not None:
+        providers["liger_jsd"] = lambda s, t: jsd(torch.log_softmax(s, -1), torch.log_softmax(t, -1)).backward()
+    return providers
+
+
+def run_section(section, sizes, dtype, device, compile_reference, copy_gbps):
+    rows = []
+    elt = torch.finfo(dtype).bits // 8
+    providers = (switch_step_providers if section == "switch_step" else kd_loss_providers)(device, compile_reference)
+    for n, vocab in sizes:
+        s = (torch.randn(n, vocab, device=device) * 2).to(dtype)
+        t = (torch.randn(n, vocab, device=device) * 2).to(dtype)
+        if section == "switch_step":
+            positions = torch.randint(0, 200, (n,), device=device)
+            args = (s, t, positions)
+            grad_to_none, nbytes, mode = None, 2 * n * vocab * elt, "fwd"
+        else:
+            s.requires_grad_()
+            args = (s, t)
+            grad_to_none, nbytes, mode = [s], 3 * n * vocab * elt, "fwd+bwd"
+        calls = {name: (lambda f=f, args=args: f(*args)) for name, f in providers.items()}
+        eager_ms = None
+        for name, call in sorted(calls.items(), key=lambda kv: kv[0] != "eager"):
+            row = {"section": section, "op": section, "provider": name, "shape": f"{n}x{vocab}",
+                   "dtype": str(dtype).replace("torch.", ""), "mode": mode}
+            try:
+                (ms, p20, p80), peak = measure(call, device, grad_to_none=grad_to_none)
+            except Exception as err:  # noqa: BLE001 - a failing provider (OOM, compile error) is a result row
+                rows.append({**row, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+                print(f"{name} {row['shape']}: {rows[-1]['error']}", file=sys.stderr)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            eager_ms = ms if name == "eager" else eager_ms
+            gbps = nbytes / ms / 1e6
+            rows.append({**row, "ms": ms, "ms_p20": p20, "ms_p80": p80, "gbps": gbps,
+                         "pct_copy_bw": 100 * gbps / copy_gbps if copy_gbps else None,
+                         "speedup_vs_eager": eager_ms / ms if eager_ms else None, "peak_mib": peak})
+    return rows
+
+
+def run(section, ctx):
+    """Rows of one section (``switch_step`` or ``kd_loss``) at the GPU or CPU sizes."""
+    sizes = (GPU_SIZES if ctx.full else CPU_SIZES)[section]
+    return run_section(section, sizes, ctx.dtype, ctx.device, not ctx.no_compile, ctx.copy_gbps)
