@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # tasks (the char tokenizer)
 from switchkd import SwitchKDConfig, SwitchKDTrainer  # noqa: E402
 from switchkd.training.data import DistillDataset  # noqa: E402
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from switchkd import SwitchKDConfig, SwitchKDTrainer
+from switchkd import SwitchKDConfig, SwitchKDTrainer, kd_loss
 from switchkd.training.data import DistillDataset
+from switchkd.training.losses import sequence_kd_loss, sequence_linear_kd_loss
 
 from models import REVERSE_ROWS, char_gpt2, char_tokenizer
 
@@ -114,3 +115,35 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         assert json.loads((out / "log.json").read_text())["steps"] == 6
     for name, value in runs[1].items():
         torch.testing.assert_close(runs[2][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_training_step_generates_then_computes_the_loss_on_packed_sequences(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, source="switch", tau0=0.0, decay=0.0)  # every token switches
+    seen = []
+    compute_loss = trainer.compute_loss
+    trainer.compute_loss = lambda model, inputs, **kw: seen.append(inputs) or compute_loss(model, inputs, **kw)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop otherwise
+    loss = trainer.training_step(trainer.model, batch)
+    assert torch.isfinite(loss) and len(seen) == 1
+    inputs = seen[0]
+    assert not inputs["from_dataset"] and trainer._metrics["teacher_share"] == [1.0]
+    for row, prompt in enumerate(batch["prompt_ids"]):
+        ids, labels = inputs["input_ids"][row].tolist(), inputs["labels"][row].tolist()
+        assert ids[: len(prompt)] == prompt and all(label == -100 for label in labels[: len(prompt)])
+        response = [t for t in labels if t != -100]
+        assert 1 <= len(response) <= 8 and ids[len(prompt): len(prompt) + len(response)] == response
+
+
+def test_sequence_losses_are_per_sequence_token_means(reference_backend):
+    hidden_s, hidden_t = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(3, 5, 16, dtype=torch.float64)
+    head_s, head_t = torch.randn(11, 8, dtype=torch.float64), torch.randn(11, 16, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, :4] = -100
+    labels[2, 1] = -100
+    logits_s, logits_t = hidden_s @ head_s.T, hidden_t @ head_t.T
+    expected = torch.stack([kd_loss(logits_s[b], logits_t[b], labels[b], kind="jsd") for b in range(3)]).mean()
+    torch.testing.assert_close(sequence_kd_loss(logits_s, logits_t, labels, kind="jsd"), expected)
+    fused = sequence_linear_kd_loss(hidden_s, head_s, hidden_t, head_t, labels, kind="jsd")
+    torch.testing.assert_close(fused, expected)

@@ -42,8 +42,9 @@ class SwitchKDConfig(TrainingArguments):
     adaptive_warmup_ratio: float = field(default=0.5, metadata={"help": "adaptive: share of training to reach it"})
     replay_size: int = field(default=1000, metadata={"help": "adaptive: replay buffer capacity (sequences)"})
     replay_ratio: float = field(default=0.5, metadata={"help": "adaptive: P(reuse from the buffer)"})
-    fused_linear_loss: bool = field(default=False, metadata={
-        "help": "KD loss from last hidden states and LM heads (fused_linear_kd_loss): no full [N, V] logits"})
+    fused_linear_loss: bool | None = field(default=None, metadata={
+        "help": "KD loss from last hidden states and LM heads (fused_linear_kd_loss), without full [N, V] logits; "
+                "default: on CUDA when both LM heads are bias-free linear layers"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the token lists (needed)"})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "every student weight is used"})
 

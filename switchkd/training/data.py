@@ -112,3 +112,11 @@ def pad_sequences(prompts, responses, pad_token_id: int, device):
         labels[i, len(p) : len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(p) + len(r)] = 1
     return input_ids.to(device), mask.to(device), labels.to(device)
+
+
+def pack_batch(prompts, responses, pad_token_id: int, device) -> dict:
+    """``input_ids``, ``attention_mask`` and ``labels`` of ``prompt + response`` rows; an empty response
+    becomes one pad token (nothing to learn from it, but the shapes stay valid)."""
+    responses = [r or [pad_token_id] for r in responses]
+    input_ids, attention_mask, labels = pad_sequences(prompts, responses, pad_token_id, device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

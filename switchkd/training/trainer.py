@@ -11,11 +11,10 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..decoding.generator import SwitchGenerator
-from ..ops.kd_loss import kd_loss
-from ..ops.linear_kd import fused_linear_kd_loss
 from ..ops.spec import SwitchPolicy
 from .config import SwitchKDConfig
-from .data import DistillCollator, pad_sequences
+from .data import DistillCollator, pack_batch
+from .losses import plain_lm_head, sequence_cross_entropy, sequence_kd_loss, sequence_linear_kd_loss
 
 STATE_FILE = "switchkd_state_rank{rank}.pt"
 
@@ -53,6 +52,7 @@ class SwitchKDTrainer(Trainer):
         self.replay: list[tuple[list[int], list[int]]] = []
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._checked_hidden = False
+        self._fused_linear_ok: bool | None = None
 
     # ------------------------------------------------------------------------------------ sources
     def _step_rng(self, index: torch.Tensor) -> random.Random:
@@ -100,38 +100,54 @@ class SwitchKDTrainer(Trainer):
             self.replay = (self.replay + list(zip(prompts, responses, strict=True)))[-self.args.replay_size:]
         return prompts, responses, False
 
+    # ---------------------------------------------------------------------------------- sequences
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Produces this step's sequences (generated under ``no_grad``), then the Trainer's own step on them."""
+        with torch.no_grad():
+            prompts, responses, from_dataset = self._responses(model, inputs)
+        batch = pack_batch(prompts, responses, self.pad_token_id, self.args.device)
+        return super().training_step(model, {**batch, "from_dataset": from_dataset}, num_items_in_batch)
+
     # --------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        prompts, responses, from_dataset = self._responses(model, inputs)
-        if any(not r for r in responses):  # an empty response has nothing to learn from; keep shapes valid
-            responses = [r or [self.pad_token_id] for r in responses]
-        input_ids, attention_mask, labels = pad_sequences(prompts, responses, self.pad_token_id, self.args.device)
-        shifted = labels[:, 1:]
-        tokens = (shifted != -100).sum(-1).clamp_min(1)
+        """KD loss (plus ``ce_weight`` x cross-entropy on dataset responses) of a packed batch.
+
+        Batches that were not packed by :meth:`training_step` (evaluation) use the data's responses.
+        """
+        if "input_ids" not in inputs:
+            inputs = {**pack_batch(inputs["prompt_ids"], inputs["response_ids"], self.pad_token_id,
+                                   self.args.device), "from_dataset": True}
+        from_dataset = inputs["from_dataset"]
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        shifted = inputs["labels"][:, 1:]
         loss_args = {"kind": self.args.loss_kind, "alpha": self.args.kd_alpha, "beta": self.args.kd_beta,
                      "temperature": self.args.kd_temperature}
-        if self.args.fused_linear_loss:
-            outputs, loss = self._fused_linear_loss(model, input_ids, attention_mask, shifted, tokens, loss_args)
+        needs_logits = from_dataset and self.args.ce_weight > 0
+        if self._use_fused_linear(model) and not needs_logits:
+            outputs, loss = self._fused_linear_loss(model, model_inputs, shifted, loss_args)
         else:
             with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
-            outputs = model(input_ids=input_ids, attention_mask=attention_mask)
-            rows = kd_loss(outputs.logits[:, :-1], teacher_logits[:, :-1], shifted, reduction="none", **loss_args)
-            loss = (rows.sum(-1) / tokens).mean()
+                teacher_logits = self.teacher(**model_inputs).logits
+            outputs = model(**model_inputs)
+            loss = sequence_kd_loss(outputs.logits[:, :-1], teacher_logits[:, :-1], shifted, **loss_args)
         self._metrics["kd_loss"].append(float(loss.detach()))
         loss = self.args.kd_weight * loss
-        if from_dataset and self.args.ce_weight > 0:
-            if self.args.fused_linear_loss:
-                raise ValueError("ce_weight > 0 needs the student's logits: set fused_linear_loss=False")
-            ce = torch.nn.functional.cross_entropy(outputs.logits[:, :-1].transpose(1, 2).float(), shifted,
-                                                   reduction="none")
-            loss = loss + self.args.ce_weight * (ce.sum(-1) / tokens).mean()
+        if needs_logits:
+            loss = loss + self.args.ce_weight * sequence_cross_entropy(outputs.logits[:, :-1], shifted)
         return (loss, outputs) if return_outputs else loss
 
-    def _fused_linear_loss(self, model, input_ids, attention_mask, shifted, tokens, loss_args):
+    def _use_fused_linear(self, model) -> bool:
+        """``fused_linear_loss``: True/False as set; None = on CUDA when both LM heads are plain linear layers."""
+        if self.args.fused_linear_loss is not None:
+            return self.args.fused_linear_loss
+        if self._fused_linear_ok is None:
+            heads = (plain_lm_head(self.accelerator.unwrap_model(model)), plain_lm_head(self.teacher))
+            self._fused_linear_ok = self.args.device.type == "cuda" and all(h is not None for h in heads)
+        return self._fused_linear_ok
+
+    def _fused_linear_loss(self, model, model_inputs, shifted, loss_args):
         """The same per-sequence KD loss from hidden states (the models compute one logit row each)."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True,
-                  "logits_to_keep": 1}
+        kwargs = {**model_inputs, "output_hidden_states": True, "logits_to_keep": 1}
         with torch.no_grad():
             teacher_out = self.teacher(**kwargs)
         outputs = model(**kwargs)
@@ -145,12 +161,8 @@ class SwitchKDTrainer(Trainer):
                     raise ValueError(f"fused_linear_loss: the {name}'s last hidden state is not its LM head's "
                                      "input (a final projection or bias?); set fused_linear_loss=False")
             self._checked_hidden = True
-        per_sequence = [
-            fused_linear_kd_loss(h_s[b, :-1], student_head, h_t[b, :-1], teacher_head, shifted[b], reduction="sum",
-                                 **loss_args) / tokens[b]
-            for b in range(input_ids.shape[0])
-        ]
-        return outputs, torch.stack(per_sequence).mean()
+        loss = sequence_linear_kd_loss(h_s[:, :-1], student_head, h_t[:, :-1], teacher_head, shifted, **loss_args)
+        return outputs, loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for name, values in self._metrics.items():
