@@ -1,20 +1,85 @@
-"""KD loss from hidden states and LM-head weights, chunked over rows (no full [N, V] logits)."""
+"""KD loss from hidden states and LM heads, chunked over rows: no full ``[N, V]`` logits of either model."""
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
 from . import reference
 from .kd_loss import kd_loss_triton
-from .spec import canonical_kind, check_labels, check_loss_args, check_temperature, resolve_backend
+from .spec import (
+    canonical_kind,
+    check_int,
+    check_labels,
+    check_loss_args,
+    check_reduction,
+    check_temperature,
+    resolve_backend,
+)
 
-CHUNK_ELEMENTS = 2**26  # default chunk: about 64M logits (256 MiB in float32) per model
+# Live [chunk_rows, V] buffers per chunk: student logits, teacher logits and the student logits' gradient
+# (kd_loss_triton returns a fresh gradient buffer; with an in-place launcher this would be 2).
+LIVE_BUFFERS = 3
+CPU_CHUNK_BYTES = 2**27  # CPU: 128 MiB of live chunk buffers
+MAX_CHUNK_BYTES = 3 * 2**28  # CUDA: at most 768 MiB of live chunk buffers, and at most a quarter of the free memory
+ROW_ALIGN = 128  # chunk rows rounded to the tensor-core tile height when larger
 
 
-def _rows_and_logit_grad(s_logits, t_logits, labels, backend, **loss_args):
-    """Per-row loss and d(row loss)/d(student logits) of one chunk, on the chosen backend."""
+def default_chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk: the live chunk buffers fit the memory budget, and the chunks are about equal.
+
+    Budget: ``min(MAX_CHUNK_BYTES, free / 4)`` on CUDA (free = the driver's free memory plus what the caching
+    allocator holds unused; no host sync), ``CPU_CHUNK_BYTES`` elsewhere.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = min(MAX_CHUNK_BYTES, free // 4)
+    else:
+        budget = CPU_CHUNK_BYTES
+    fit = max(1, budget // (LIVE_BUFFERS * vocab * dtype.itemsize))
+    rows = math.ceil(n_rows / math.ceil(max(n_rows, 1) / fit))  # equal chunks, none larger than `fit`
+    return min(fit, math.ceil(rows / ROW_ALIGN) * ROW_ALIGN) if rows > ROW_ALIGN else max(rows, 1)
+
+
+@functools.cache
+def _cuda_fp32_addmm(device: torch.device) -> bool:
+    """Whether this torch's CUDA ``addmm(out_dtype=float32)`` takes a float32 accumulator with bf16 operands."""
+    one = torch.ones(1, 1, device=device, dtype=torch.bfloat16)
+    try:
+        torch.addmm(torch.zeros(1, 1, device=device), one, one, out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``acc = a @ b`` (``first``) or ``acc += a @ b``. With a float32 ``acc`` and bf16/fp16 operands the product
+    runs on the tensor cores with float32 accumulation (CUDA ``out_dtype``); elsewhere a product in the operands'
+    dtype (itself accumulated in float32) is added into ``acc``. The operands are never upcast."""
+    if acc.dtype == a.dtype:
+        torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
+    elif a.is_cuda and first:
+        torch.mm(a, b, out_dtype=acc.dtype, out=acc)
+    elif a.is_cuda and _cuda_fp32_addmm(a.device):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        product = torch.mm(a, b)
+        acc.copy_(product) if first else acc.add_(product)
+
+
+def _logits(hidden, weight, bias):
+    return torch.mm(hidden, weight.T) if bias is None else torch.addmm(bias, hidden, weight.T)
+
+
+def _rows_and_logit_grad(s_logits, t_logits, labels, backend, need_grad, loss_args):
+    """Per-row loss of one chunk and, if ``need_grad``, d(row loss)/d(student logits), on the chosen backend."""
     if backend == "triton":
-        return kd_loss_triton(s_logits, t_logits, labels, need_grad=True, **loss_args)
+        return kd_loss_triton(s_logits, t_logits, labels, need_grad=need_grad, **loss_args)
+    if not need_grad:
+        return reference.kd_loss(s_logits, t_logits, labels, reduction="none", **loss_args), None
     with torch.enable_grad():
         s = s_logits.detach().requires_grad_()
         rows = reference.kd_loss(s, t_logits, labels, reduction="none", **loss_args)
@@ -22,59 +87,139 @@ def _rows_and_logit_grad(s_logits, t_logits, labels, backend, **loss_args):
     return rows.detach(), grad
 
 
-class FusedLinearKDFunction(torch.autograd.Function):
-    """KD loss of ``softmax(h_S W_S^T / T)`` against ``softmax(h_T W_T^T / T)``, chunk by chunk.
+def _chunked(student, teacher, labels, needs, row_scale, opts):
+    """One pass over the row chunks: per-row losses and the gradients in ``needs`` (hidden, weight, bias).
 
-    For each chunk of rows: logits from the two matmuls, the fused KD kernel's per-row loss and
-    ``G = dL/ds`` (the student logits' gradient), then ``dL/dh_S = G W_S`` and ``dL/dW_S += G^T h_S``;
-    the chunk's logits are freed before the next one. Backward scales the stored gradients.
+    ``student``/``teacher``: ``(hidden [N, H], weight [V, H], bias [V] or None)``. With ``row_scale [N]``
+    each row's logit gradient is scaled by it first. The weight and bias gradients accumulate in float32
+    (float64 for float64 inputs); the hidden gradient is written chunk by chunk in the hidden dtype.
+    """
+    (s_hidden, s_weight, s_bias), (t_hidden, t_weight, t_bias) = student, teacher
+    n_rows, (vocab, width) = s_hidden.shape[0], s_weight.shape
+    acc = torch.promote_types(s_weight.dtype, torch.float32)
+    rows = torch.zeros(n_rows, device=s_hidden.device, dtype=torch.promote_types(s_hidden.dtype, torch.float32))
+    new = torch.empty if n_rows else torch.zeros  # every chunk writes its rows; the first one sets the weight's
+    grad_hidden = new(s_hidden.shape, device=s_hidden.device, dtype=s_hidden.dtype) if needs[0] else None
+    grad_weight = new(vocab, width, device=s_weight.device, dtype=acc) if needs[1] else None
+    grad_bias = torch.zeros(vocab, device=s_weight.device, dtype=acc) if needs[2] else None
+    chunk_rows = opts["chunk_rows"] or default_chunk_rows(n_rows, vocab, s_hidden.dtype, s_hidden.device)
+    for start in range(0, n_rows, chunk_rows):
+        chunk, first = slice(start, min(start + chunk_rows, n_rows)), start == 0
+        s_logits = _logits(s_hidden[chunk], s_weight, s_bias)
+        t_logits = _logits(t_hidden[chunk], t_weight, t_bias)
+        rows[chunk], grad = _rows_and_logit_grad(s_logits, t_logits, None if labels is None else labels[chunk],
+                                                 opts["backend"], any(needs), opts["loss_args"])
+        del s_logits, t_logits
+        if grad is None:
+            continue
+        if row_scale is not None:
+            grad.mul_(row_scale[chunk, None])  # computed in float32, rounded once
+        if grad_hidden is not None:
+            torch.mm(grad, s_weight, out=grad_hidden[chunk])
+        if grad_weight is not None:
+            _mm_into(grad_weight, grad.T, s_hidden[chunk], first)
+        if grad_bias is not None:
+            grad_bias.add_(grad.sum(0, dtype=acc))
+    return rows, grad_hidden, grad_weight, grad_bias
+
+
+def _scaled(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad * scale`` computed in float32 (float64 for float64) and rounded once to ``dtype``."""
+    wide = torch.promote_types(grad.dtype, torch.float32)
+    return torch.mul(grad.to(wide), scale.to(wide), out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
+
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    """KD loss of ``p_S = softmax((h_S W_S^T + b_S) / T)`` against ``p_T = softmax((h_T W_T^T + b_T) / T)``.
+
+    Per chunk of rows: both logits from bf16/fp16 matmuls, the fused kernel's row loss ``L_n`` and
+    ``G = dL_n/ds``, then ``dL/dh_S = G W_S``, ``dL/dW_S += G^T h_S`` and ``dL/db_S += sum_n G`` (float32
+    accumulators). ``mean``/``sum``: the gradients are computed in forward and scaled in backward (so
+    ``retain_graph`` works); ``none``: forward computes the losses only and backward recomputes the chunks with
+    ``G`` scaled by each row's upstream gradient (the weight gradient depends on it).
     """
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, labels, loss_args, reduction, chunk_rows, backend):
-        n_rows = s_hidden.shape[0]
-        rows = torch.empty(n_rows, device=s_hidden.device, dtype=torch.float32)
-        grad_hidden = torch.zeros_like(s_hidden) if s_hidden.requires_grad else None
-        grad_weight = torch.zeros(s_weight.shape, device=s_weight.device, dtype=torch.float32) \
-            if s_weight.requires_grad else None
-        for start in range(0, n_rows, chunk_rows):
-            chunk = slice(start, min(start + chunk_rows, n_rows))
-            s_logits = s_hidden[chunk] @ s_weight.T
-            t_logits = t_hidden[chunk] @ t_weight.T
-            chunk_labels = None if labels is None else labels[chunk]
-            rows[chunk], grad = _rows_and_logit_grad(s_logits, t_logits, chunk_labels, backend, **loss_args)
-            if grad_hidden is not None:
-                grad_hidden[chunk] = grad @ s_weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.T.to(torch.float32), s_hidden[chunk].to(torch.float32))
-        ctx.grads = grad_hidden, None if grad_weight is None else grad_weight.to(s_weight.dtype)
-        if reduction == "sum":
-            ctx.scale = torch.ones((), device=rows.device)
-            return rows.sum()
-        kept = rows.new_tensor(n_rows) if labels is None else (labels != loss_args["ignore_index"]).sum()
-        ctx.scale = 1.0 / kept.clamp_min(1).float()
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts):
+        student, teacher = (s_hidden, s_weight, s_bias), (t_hidden, t_weight, t_bias)
+        ctx.opts, ctx.dtypes = opts, (s_hidden.dtype, s_weight.dtype, None if s_bias is None else s_bias.dtype)
+        if opts["reduction"] == "none":
+            ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels)
+            return _chunked(student, teacher, labels, (False,) * 3, None, opts)[0]
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        rows, *ctx.grads = _chunked(student, teacher, labels, needs, None, opts)
+        if opts["reduction"] == "sum":
+            ctx.scale = torch.ones((), device=rows.device, dtype=rows.dtype)
+        else:
+            kept = rows.new_tensor(rows.shape[0]) if labels is None else (labels != opts["ignore_index"]).sum()
+            ctx.scale = 1.0 / kept.clamp_min(1).to(rows.dtype)
         return rows.sum() * ctx.scale
 
     @staticmethod
     def backward(ctx, grad_output):
-        scale = grad_output * ctx.scale
-        grads = [None if g is None else g * scale.to(g.dtype) for g in ctx.grads]
-        return (grads[0], grads[1]) + (None,) * 7
+        if ctx.opts["reduction"] == "none":
+            s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels = ctx.saved_tensors
+            needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+            _, *grads = _chunked((s_hidden, s_weight, s_bias), (t_hidden, t_weight, t_bias), labels, needs,
+                                 grad_output.contiguous(), ctx.opts)
+            grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
+        else:
+            scale = grad_output * ctx.scale
+            grads = [None if g is None else _scaled(g, scale, dtype) for g, dtype in
+                     zip(ctx.grads, ctx.dtypes, strict=True)]
+        return grads[0], grads[1], grads[2], None, None, None, None, None
+
+
+def _check_head(role, hidden, weight, bias):
+    for name, x in ((f"{role}_hidden", hidden), (f"{role}_weight", weight), (f"{role}_bias", bias)):
+        if x is not None and (not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point):
+            raise TypeError(f"{name} must be a floating-point torch.Tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{role}_weight must be a [V, H] LM-head weight, got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden sizes do not match the weights: {role}_hidden {tuple(hidden.shape)} vs "
+                         f"{role}_weight {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"{role}_bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, x in ((f"{role}_weight", weight), (f"{role}_bias", bias)):
+        if x is not None and x.dtype != hidden.dtype:
+            raise TypeError(f"{name} dtype {x.dtype} != {role}_hidden dtype {hidden.dtype}")
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but {role}_hidden is on {hidden.device}")
+
+
+def _check_inputs(student, teacher, labels):
+    _check_head("student", *student)
+    _check_head("teacher", *teacher)
+    (s_hidden, s_weight, _), (t_hidden, t_weight, _) = student, teacher
+    if s_weight.shape[0] != t_weight.shape[0]:
+        raise ValueError(f"vocabulary mismatch: student_weight has V={s_weight.shape[0]}, teacher_weight "
+                         f"has V={t_weight.shape[0]}")
+    if s_hidden.shape[:-1] != t_hidden.shape[:-1]:
+        raise ValueError(f"student_hidden rows {tuple(s_hidden.shape[:-1])} != teacher_hidden rows "
+                         f"{tuple(t_hidden.shape[:-1])}")
+    if s_hidden.device != t_hidden.device:
+        raise ValueError(f"teacher_hidden is on {t_hidden.device} but student_hidden is on {s_hidden.device}")
+    if labels is not None:
+        check_labels(labels, s_hidden.shape[:-1], s_hidden.device)
 
 
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *, kind="srkl",
                          alpha=0.1, beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean",
-                         chunk_rows=None, backend="auto"):
-    """:func:`switchkd.kd_loss` of ``student_hidden @ student_weight.T`` against the teacher's, without
-    materialising either model's ``[N, V]`` logits (rows are processed ``chunk_rows`` at a time).
+                         student_bias=None, teacher_bias=None, chunk_rows=None, backend="auto"):
+    """:func:`switchkd.kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against the teacher's,
+    without materialising either model's ``[N, V]`` logits: rows are processed a chunk at a time, the matmuls in
+    the inputs' dtype (bf16/fp16 tensor cores) with float32 accumulation of the LM-head gradients.
 
     Args:
-        student_hidden ``[..., H_S]``, student_weight ``[V, H_S]``: the student's last hidden states and
-            LM-head weight (gradients flow to both); teacher_hidden ``[..., H_T]``, teacher_weight ``[V, H_T]``.
-        labels ``[...]``: positions equal to ``ignore_index`` are skipped. reduction: ``mean`` or ``sum``.
-            Other arguments as ``kd_loss``.
-        chunk_rows: rows per chunk (default: about 64M logits per chunk); the extra memory is a few
-            chunk-sized ``[chunk_rows, V]`` buffers instead of full ``[N, V]`` logits.
+        student_hidden ``[..., H_S]``, student_weight ``[V, H_S]``, student_bias ``[V]`` or None: the student's
+            last hidden states and LM head (gradients flow to all three); teacher_hidden ``[..., H_T]``,
+            teacher_weight ``[V, H_T]``, teacher_bias ``[V]`` or None (no gradient). Each head's tensors share
+            the hidden states' dtype.
+        labels ``[...]``: positions equal to ``ignore_index`` are skipped (loss 0, no gradient).
+        reduction: ``mean`` over kept positions, ``sum``, or ``none`` (float32 per-position losses, shape
+            ``[...]``; backward then recomputes the chunks). Other arguments as ``kd_loss``.
+        chunk_rows: rows per chunk; default from V and the free memory (:func:`default_chunk_rows`).
 
     Example::
 
@@ -82,39 +227,23 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
         h_t = teacher(**batch, output_hidden_states=True).hidden_states[-1]
         loss = fused_linear_kd_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels)
     """
-    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
-                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
-        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point torch.Tensor")
-    if student_weight.dim() != 2 or teacher_weight.dim() != 2:
-        raise ValueError("student_weight and teacher_weight must be [V, H] LM-head weights")
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(f"vocabulary mismatch: student_weight has V={student_weight.shape[0]}, teacher_weight "
-                         f"has V={teacher_weight.shape[0]}")
-    if student_hidden.shape[-1] != student_weight.shape[1] or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
-        raise ValueError("hidden sizes do not match the weights: student "
-                         f"{student_hidden.shape[-1]} vs {student_weight.shape[1]}, teacher "
-                         f"{teacher_hidden.shape[-1]} vs {teacher_weight.shape[1]}")
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(f"student_hidden rows {tuple(student_hidden.shape[:-1])} != teacher_hidden rows "
-                         f"{tuple(teacher_hidden.shape[:-1])}")
+    student = (student_hidden, student_weight, student_bias)
+    teacher = (teacher_hidden, teacher_weight, teacher_bias)
+    _check_inputs(student, teacher, labels)
     check_loss_args(kind, alpha, beta)
     check_temperature(temperature, allow_zero=False)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum' (per-row losses: use kd_loss), got {reduction!r}")
-    if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS // student_weight.shape[0])
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    check_reduction(reduction)
+    check_int("ignore_index", ignore_index)
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     lead_shape = student_hidden.shape[:-1]
-    if labels is not None:
-        check_labels(labels, lead_shape, student_hidden.device)
-        labels = labels.reshape(-1).to(torch.int64)
-    loss_args = {"kind": canonical_kind(kind, beta), "alpha": alpha, "beta": beta,
-                 "temperature": float(temperature), "ignore_index": ignore_index}
-    out = FusedLinearKDFunction.apply(
-        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
-        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(), labels, loss_args,
-        reduction, chunk_rows, resolve_backend(student_hidden, backend),
-    )
-    return out
+    labels = None if labels is None else labels.reshape(-1).to(torch.int64)
+    opts = {"reduction": reduction, "chunk_rows": chunk_rows, "ignore_index": ignore_index,
+            "backend": resolve_backend(student_hidden, backend),
+            "loss_args": {"kind": canonical_kind(kind, beta), "alpha": alpha, "beta": beta,
+                          "temperature": float(temperature), "ignore_index": ignore_index}}
+    detach = [None if x is None else x.detach() for x in teacher]
+    out = FusedLinearKDFunction.apply(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
+                                      student_bias, detach[0].reshape(-1, detach[0].shape[-1]), detach[1], detach[2],
+                                      labels, opts)
+    return out.reshape(lead_shape) if reduction == "none" else out
