@@ -1,32 +1,40 @@
 """Build switchkd: the Python package, the Triton kernels as `switchkd.kernels`, and the C++ extension.
 
-C++ sources in csrc/*.cpp build `switchkd._C` with CppExtension; CUDA sources (csrc/*.cu) are added
-as a CUDAExtension only where a CUDA toolkit and a CUDA build of torch are present and
-SWITCHKD_SKIP_CUDA is not set. Build with `pip install --no-build-isolation .` so the extension
-compiles against the torch that is installed.
+`switchkd._C` (csrc/*.cpp, the KV block manager) is plain C++17 on pybind11: it handles integers only
+and does not link against torch, so `pip install .` builds it in an isolated environment (pybind11 and
+setuptools come from [build-system] in pyproject.toml) and it works with whatever torch is installed.
+Offline, install pybind11 first and use `pip install --no-build-isolation .`.
 """
 
 import glob
-import os
 
 from setuptools import setup
+from setuptools.errors import CCompilerError, CompileError, ExecError, PlatformError
 
-ext_modules, cmdclass = [], {}
-cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-if cpp_sources:
-    try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except ImportError as err:
-        raise SystemExit("switchkd builds a torch extension: install torch first, then "
-                         "`pip install --no-build-isolation .`") from err
-    cu_sources = sorted(glob.glob("csrc/*.cu"))
-    use_cuda = bool(cu_sources) and torch.version.cuda and CUDA_HOME and not os.environ.get("SWITCHKD_SKIP_CUDA")
-    extension = CUDAExtension if use_cuda else CppExtension
-    sources = cpp_sources + (cu_sources if use_cuda else [])
-    flags = {"cxx": ["-O3", "-std=c++17"]} | ({"nvcc": ["-O3"]} if use_cuda else {})
-    ext_modules = [extension("switchkd._C", sources, extra_compile_args=flags)]
-    cmdclass = {"build_ext": BuildExtension}
+try:
+    from pybind11.setup_helpers import Pybind11Extension
+    from pybind11.setup_helpers import build_ext as _build_ext
+except ImportError as err:
+    raise SystemExit("switchkd builds its C++ extension with pybind11: `pip install .` fetches it (build "
+                     "isolation); with --no-build-isolation, `pip install pybind11` first") from err
+
+
+class build_ext(_build_ext):
+    """pybind11's build_ext with one clear message when no C++ compiler works."""
+
+    def build_extensions(self):
+        try:
+            super().build_extensions()
+        except (CCompilerError, CompileError, ExecError, PlatformError) as err:
+            raise SystemExit(
+                f"switchkd: building the C++ extension switchkd._C failed ({err}).\n"
+                "It needs a C++17 compiler: install g++ (Debian/Ubuntu: `apt-get install build-essential`) "
+                "or clang++, then run `pip install .` again."
+            ) from err
+
+
+ext_modules = [Pybind11Extension("switchkd._C", sorted(glob.glob("csrc/*.cpp")), cxx_std=17,
+                                 extra_compile_args=["-O3"])]
 
 setup(
     name="switchkd",
@@ -40,5 +48,5 @@ setup(
     extras_require={"test": ["pytest", "hypothesis", "ruff"], "flash": ["flash-attn"]},
     entry_points={"console_scripts": ["switchkd = switchkd.cli:main"]},
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"build_ext": build_ext},
 )

@@ -90,7 +90,7 @@ def bookkeeping_row(batch=64, context=512, steps=500):
     for cache in caches:
         for i in ids:
             cache.manager.add(i)
-        cache.manager.append(ids, [context] * batch)
+        cache.manager.prepare(ids, [context] * batch)
     start = time.perf_counter()
     for _ in range(steps):
         for cache in caches:

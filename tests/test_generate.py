@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from switchkd import SwitchGenerator, SwitchPolicy, switch_generate
+from switchkd.decoding.state import accept
 
 from models import CONTEXT, VOCAB, pair, tiny_model
 
@@ -47,6 +48,17 @@ def test_drafting_returns_the_stepwise_tokens(models):
         assert torch.equal(drafted.from_teacher, stepwise.from_teacher)
         torch.testing.assert_close(drafted.divergence, stepwise.divergence, equal_nan=True)
         assert drafted.teacher_forwards <= stepwise.teacher_forwards
+
+
+def test_accept_keeps_tokens_up_to_the_first_switch_eos_or_budget():
+    tokens = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [1, 2, 3, 4], [3, 3, 3, 3], [7, 1, 1, 1]])
+    switched = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]]).bool()
+    remaining = torch.tensor([10, 10, 2, 0, 4, 9])
+    keep, finished = accept(tokens, switched, remaining, torch.tensor([7, 12]))
+    assert keep.tolist() == [2, 3, 2, 0, 4, 1]
+    assert finished.tolist() == [False, True, True, False, True, True]
+    keep, finished = accept(tokens, switched, remaining, torch.tensor([], dtype=torch.int64))
+    assert keep.tolist() == [2, 4, 2, 0, 4, 1] and finished.tolist() == [False, False, True, False, True, False]
 
 
 def test_topk_policy_drafts_like_stepwise():

@@ -46,7 +46,7 @@ def test_padding_never_enters_the_cache():
     paged_attention(_Layer(), torch.randn(2, 1, 3, 2), k, k.clone(), None, switchkd_paged=batch)
     k_pool, _ = cache.layers[0]
     written = (k_pool.flatten(0, 1) != 0).any(-1).any(-1).sum().item()
-    assert written == 4 and cache.manager.lengths([0, 1]).tolist() == [3, 1]
+    assert written == 4 and batch.lengths.tolist() == [3, 1]
 
 
 def test_without_metadata_it_is_plain_sdpa():

@@ -1,12 +1,7 @@
-"""Interleaved teacher/student decoding with SWITCH, on paged KV caches.
+"""SWITCH generation: :class:`SwitchGenerator` and :func:`switch_generate` on top of the decoding ladder.
 
-Each sequence keeps one *pending* token: the last accepted token, not yet in either cache. A block
-of ``k`` tokens runs ``k`` one-token student forwards (the student drafts ``d_0 .. d_{k-1}``, each
-sampled with the noise that stepwise decoding would use at that position), then one teacher forward
-over ``[pending, d_0 .. d_{k-2}]`` that scores all ``k`` positions. One ``fused_switch_step`` over
-the ``B * k`` rows decides; a sequence keeps its drafts up to the first switch, takes the
-teacher's token there, and both caches roll back to just before the new pending token. With
-``k = 1`` this is exactly the stepwise algorithm, and every ``k`` yields the same tokens.
+The ladder itself (prefill, draft, score, decide, commit, rollback) is in ``ladder.py``, the per-row
+state and the acceptance rule in ``state.py``, the static-shape (CUDA-graph) blocks in ``graphs.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.spec import DEFAULT_POLICY, SwitchPolicy
-from ..ops.switch_step import fused_switch_step, sample
+from .graphs import StaticDecoder
 from .kvcache import ATTENTION_NAME, PagedKVCache
+from .ladder import EagerDecoder, ModelPair, prefill, rollback
+from .state import DecodeState, DecodeStats, Request
 
 
 @dataclass
@@ -44,13 +41,17 @@ class SwitchOutput:
         return float(self.from_teacher.sum()) / total if total else 0.0
 
 
-def _context_length(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
-
-
-def _vocab_size(model) -> int:
+def output_vocab_size(model) -> int:
+    """Size of ``model``'s output vocabulary: the rows of its output head (the last dim of its logits)."""
     head = model.get_output_embeddings()
     return head.weight.shape[0] if head is not None else model.config.vocab_size
+
+
+_vocab_size = output_vocab_size  # the name cli.py imports until it moves to output_vocab_size
+
+
+def _context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
 
 
 def prompt_lists(prompts, attention_mask=None) -> list[list[int]]:
@@ -95,6 +96,60 @@ def _paged_eval(*models):
             m.train(training)
 
 
+class DraftLength:
+    """The draft length of each block: fixed, or (adaptive) the power of two up to ``draft_len`` with the
+    best measured token rate; each candidate is tried first, and one is re-measured every 16 blocks since
+    the switch rate drifts with length."""
+
+    def __init__(self, draft_len: int, adaptive: bool):
+        self.draft_len, self.adaptive = draft_len, adaptive
+        self.candidates = sorted({min(2**i, draft_len) for i in range(draft_len.bit_length() + 1)}, reverse=True)
+        self.rates: dict[int, float] = {}
+        self.blocks = 0
+
+    def choose(self, longest: int) -> int:
+        """The next block's length, at most ``longest`` (the largest remaining budget)."""
+        if not self.adaptive:
+            k = self.draft_len
+        else:
+            untried = [c for c in self.candidates if c not in self.rates]
+            if untried:
+                k = untried[0]
+            elif self.blocks % 16 == 0:
+                k = self.candidates[(self.blocks // 16) % len(self.candidates)]
+            else:
+                k = max(self.rates, key=self.rates.get)
+        return max(1, min(k, longest))
+
+    def record(self, k: int, tokens: int, seconds: float):
+        rate = tokens / max(seconds, 1e-9)
+        self.rates[k] = rate if k not in self.rates else 0.7 * self.rates[k] + 0.3 * rate
+        self.blocks += 1
+
+
+def decode(decoder, pair: ModelPair, ids: list[int], prompts: list[list[int]],
+           request: Request) -> tuple[DecodeState, DecodeStats]:
+    """Prefill one sub-batch, then run blocks until every row finishes; every KV block comes back."""
+    stats, lengths = DecodeStats(), DraftLength(request.draft_len, request.adaptive_draft)
+    state = decoder.new_state(ids, prompts)
+    live = []
+    try:
+        live = list(range(len(prompts)))
+        prefill(pair, ids, prompts, stats)
+        while live:
+            start = time.perf_counter()
+            k = lengths.choose(max(request.max_new_tokens - state.cached[r] + len(prompts[r]) - 1 for r in live))
+            flags = decoder.block(state, ids, live, k, stats)
+            stats.blocks += 1
+            live = rollback(pair, state, ids, live, flags, stats)
+            lengths.record(k, sum(keep for keep, _ in flags), time.perf_counter() - start)
+    finally:
+        for cache in pair.caches:
+            if cache.manager.num_sequences:
+                cache.manager.free([ids[r] for r in live])
+    return state, stats
+
+
 class SwitchGenerator:
     """Teacher/student SWITCH decoding with reusable paged KV pools (one pool per model).
 
@@ -105,6 +160,10 @@ class SwitchGenerator:
         num_blocks: blocks per pool; ``None`` sizes the pools to each request (growing when needed).
             A fixed pool too small for a request is used in sub-batches; a prompt that alone needs
             more blocks than the pool holds raises ``ValueError``.
+        cuda_graphs: decode at static shapes (batch padded to a power of two, fixed-size block tables)
+            and replay each step from a CUDA graph; ``None`` = on when the models are on CUDA. On CPU,
+            ``True`` runs the same static-shape steps without capture. Models that cannot be captured
+            fall back to eager steps with a warning.
 
     Example::
 
@@ -113,43 +172,53 @@ class SwitchGenerator:
         out.sequences, out.from_teacher, out.teacher_share
     """
 
-    def __init__(self, teacher, student, *, block_size: int = 16, num_blocks: int | None = None):
-        if _vocab_size(teacher) != _vocab_size(student):
-            raise ValueError(f"vocabulary mismatch: teacher has {_vocab_size(teacher)} output tokens, student "
-                             f"{_vocab_size(student)}; the models must share a tokenizer")
+    def __init__(self, teacher, student, *, block_size: int = 16, num_blocks: int | None = None,
+                 cuda_graphs: bool | None = None):
+        if output_vocab_size(teacher) != output_vocab_size(student):
+            raise ValueError(f"vocabulary mismatch: teacher has {output_vocab_size(teacher)} output tokens, student "
+                             f"{output_vocab_size(student)}; the models must share a tokenizer")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks < 1):
             raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
+        if cuda_graphs not in (None, True, False):
+            raise ValueError(f"cuda_graphs must be True, False or None (auto), got {cuda_graphs!r}")
         self.teacher, self.student = teacher, student
         self.block_size, self.num_blocks = block_size, num_blocks
-        self.vocab_size = _vocab_size(student)
+        self.vocab_size = output_vocab_size(student)
+        self.cuda_graphs = student.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.caches: tuple[PagedKVCache, PagedKVCache] | None = None  # (teacher, student)
+        self.static: StaticDecoder | None = None  # its buffers and graphs, kept across requests
 
-    # ------------------------------------------------------------------------------------ request
     def generate(self, prompts, attention_mask=None, *, policy: SwitchPolicy = DEFAULT_POLICY,
                  max_new_tokens: int = 256, temperature: float = 1.0, eos_token_id: int | list[int] | None = None,
-                 seed: int = 0,
-                 draft_len: int = 4, adaptive_draft: bool = True, pad_token_id: int | None = None,
+                 seed: int = 0, draft_len: int = 4, adaptive_draft: bool = True, pad_token_id: int | None = None,
                  row_keys: list[int] | None = None) -> SwitchOutput:
         """Generate up to ``max_new_tokens`` per prompt; see :func:`switch_generate`."""
         prompts = prompt_lists(prompts, attention_mask)
-        eos_ids = self._check_request(prompts, policy, max_new_tokens, draft_len, eos_token_id)
+        eos = self._check_request(prompts, policy, max_new_tokens, draft_len, eos_token_id)
+        request = Request(policy, max_new_tokens, float(temperature), seed, eos, draft_len, adaptive_draft)
         keys = self._row_keys(row_keys, len(prompts))
         needs = [self._blocks_for(len(p) + max_new_tokens + draft_len) for p in prompts]
-        self._ensure_pools(needs)
-        pool = self.caches[0].num_blocks
-        results, counts = {}, [0, 0, 0.0]
+        pair = self._pair(needs)
+        decoder = self._decoder(pair, request)
+        rows, stats = [None] * len(prompts), DecodeStats()
         with torch.no_grad(), _paged_eval(self.teacher, self.student):
-            for group in self._sub_batches(needs, pool):
-                state = _Decode(self, [keys[i] for i in group], [prompts[i] for i in group], policy, max_new_tokens,
-                                temperature, eos_ids, seed, draft_len, adaptive_draft)
-                decoded = state.run()
-                results.update({i: decoded[keys[i]] for i in group})
-                counts[0] += state.student_forwards
-                counts[1] += state.teacher_forwards
-                counts[2] += state.bookkeeping_seconds
-        return self._collect(prompts, results, max_new_tokens, pad_token_id, eos_ids, counts)
+            for group in self._sub_batches(needs, pair.teacher_cache.num_blocks):
+                group_prompts = [prompts[i] for i in group]
+                state, group_stats = decode(decoder, pair, [keys[i] for i in group], group_prompts, request)
+                stats += group_stats
+                for i, row in zip(group, _rows_of(state, group_prompts), strict=True):
+                    rows[i] = row
+        return _collect(prompts, rows, max_new_tokens, pad_token_id, eos, stats)
+
+    def _decoder(self, pair: ModelPair, request: Request):
+        if not self.cuda_graphs:
+            return EagerDecoder(pair, request)
+        if self.static is None or self.static.pair is not pair:
+            self.static = StaticDecoder(pair)
+        self.static.start(request)
+        return self.static
 
     @staticmethod
     def _row_keys(row_keys, batch: int) -> list[int]:
@@ -162,7 +231,7 @@ class SwitchGenerator:
             raise ValueError("row_keys must be unique")
         return keys
 
-    def _check_request(self, prompts, policy, max_new_tokens, draft_len, eos_token_id):
+    def _check_request(self, prompts, policy, max_new_tokens, draft_len, eos_token_id) -> tuple[int, ...]:
         if not isinstance(policy, SwitchPolicy):
             raise TypeError(f"policy must be a switchkd.SwitchPolicy, got {type(policy).__name__}")
         for name, value in (("max_new_tokens", max_new_tokens), ("draft_len", draft_len)):
@@ -180,13 +249,14 @@ class SwitchGenerator:
                 if context is not None and len(p) + max_new_tokens > context:
                     raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
                                      f"passes the {name}'s context of {context} positions")
-        return frozenset(eos_ids)
+        return tuple(sorted(set(eos_ids)))
 
     def _blocks_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.block_size)
 
-    def _ensure_pools(self, needs: list[int]):
-        if self.caches is not None and self.caches[0].manager.num_used_blocks:
+    def _pair(self, needs: list[int]) -> ModelPair:
+        """The models and their pools, (re)allocated when a request needs more blocks than they hold."""
+        if self.caches is not None and self.caches[0].manager.num_sequences:
             raise RuntimeError("SwitchGenerator is already generating (its pools are in use)")
         size = self.num_blocks or sum(needs)
         if self.num_blocks is not None and max(needs) > size:
@@ -194,6 +264,8 @@ class SwitchGenerator:
                              f"max_new_tokens + draft_len) but the pool has {size}: raise num_blocks")
         if self.caches is None or self.caches[0].num_blocks < size:
             self.caches = (PagedKVCache(size, self.block_size), PagedKVCache(size, self.block_size))
+            self._model_pair = ModelPair(self.teacher, self.student, *self.caches)
+        return self._model_pair
 
     @staticmethod
     def _sub_batches(needs: list[int], pool: int) -> list[list[int]]:
@@ -206,180 +278,44 @@ class SwitchGenerator:
             used += need
         return groups + [current]
 
-    def _collect(self, prompts, results, max_new_tokens, pad_token_id, eos_ids, counts) -> SwitchOutput:
-        pad = pad_token_id if pad_token_id is not None else min(eos_ids, default=0)
-        responses = [results[i][0] for i in range(len(prompts))]
-        width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
-        sequences = torch.full((len(prompts), width), pad, dtype=torch.int64)
-        from_teacher = torch.zeros(len(prompts), max_new_tokens, dtype=torch.bool)
-        divergence = torch.full((len(prompts), max_new_tokens), float("nan"))
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-            sequences[i, : len(p) + len(r)] = torch.tensor(p + r)
-            from_teacher[i, : len(r)] = torch.tensor(results[i][1], dtype=torch.bool)
-            divergence[i, : len(r)] = torch.tensor(results[i][2])
-        return SwitchOutput(
-            sequences=sequences,
-            prompt_lengths=torch.tensor([len(p) for p in prompts]),
-            response_lengths=torch.tensor([len(r) for r in responses]),
-            from_teacher=from_teacher,
-            divergence=divergence,
-            responses=responses,
-            student_forwards=counts[0],
-            teacher_forwards=counts[1],
-            bookkeeping_seconds=counts[2],
-        )
+
+def _rows_of(state: DecodeState, prompts: list[list[int]]):
+    """(tokens, from_teacher, divergence) host lists of each row of a finished sub-batch."""
+    counts = [state.cached[r] - len(p) + 1 for r, p in enumerate(prompts)]
+    tokens, switched, divergence = (x[: len(prompts)].cpu() for x in (state.tokens, state.from_teacher,
+                                                                       state.divergence))
+    return [(tokens[r, :n].tolist(), switched[r, :n], divergence[r, :n]) for r, n in enumerate(counts)]
 
 
-class _Decode:
-    """State of one sub-batch: pending tokens, progress, the blocks and the draft length."""
-
-    def __init__(self, gen: SwitchGenerator, ids, prompts, policy, max_new_tokens, temperature, eos, seed, draft_len,
-                 adaptive):
-        self.gen, self.ids, self.prompts = gen, list(ids), prompts
-        self.policy, self.max_new, self.temperature = policy, max_new_tokens, temperature
-        self.eos, self.seed = eos, seed
-        self.draft_len, self.adaptive = draft_len, adaptive
-        # Adaptive drafting: measured tokens/s per draft length (powers of two up to draft_len).
-        self.candidates = sorted({min(2**i, draft_len) for i in range(draft_len.bit_length() + 1)}, reverse=True)
-        self.rates: dict[int, float] = {}
-        self.blocks = 0
-        self.device = gen.student.device
-        self.out = {i: ([], [], []) for i in ids}  # tokens, from_teacher, divergence
-        self.pending = {i: p[-1] for i, p in zip(ids, prompts, strict=True)}
-        self.student_forwards = self.teacher_forwards = 0
-        self.bookkeeping_seconds = 0.0
-
-    def run(self):
-        teacher_cache, student_cache = self.gen.caches
-        added = []
-        try:
-            for i in self.ids:
-                for cache in (teacher_cache, student_cache):
-                    cache.manager.add(i)
-                added.append(i)
-            prefix = {i: p[:-1] for i, p in zip(self.ids, self.prompts, strict=True) if len(p) > 1}
-            if prefix:
-                self._forward(self.gen.teacher, teacher_cache, prefix, last_only=True)
-                self._forward(self.gen.student, student_cache, prefix, last_only=True)
-            active = list(self.ids)
-            while active:
-                active = self._block(active)
-        finally:
-            for i in added:
-                for cache in (teacher_cache, student_cache):
-                    if i in cache.manager:
-                        cache.manager.free(i)
-        return self.out
-
-    def _forward(self, model, cache, tokens: dict[int, list[int]], last_only: bool):
-        """One forward of ``model`` over new tokens of several sequences; returns logits [B, q or 1, V]."""
-        ids = list(tokens)
-        counts = [len(tokens[i]) for i in ids]
-        width = max(counts)
-        rows = [tokens[i] + tokens[i][-1:] * (width - len(tokens[i])) for i in ids]  # pads repeat the last token
-        start = time.perf_counter()
-        batch = cache.prepare(ids, counts, self.device)
-        self.bookkeeping_seconds += time.perf_counter() - start
-        input_ids = torch.tensor(rows).to(self.device, non_blocking=True)
-        out = model(input_ids=input_ids, position_ids=batch.positions, use_cache=False,
-                    logits_to_keep=1 if last_only else 0, **{ATTENTION_NAME: batch})
-        return out.logits
-
-    def _sample_student(self, logits, ids, gen_index):
-        keys = torch.tensor(ids, device=self.device)
-        positions = torch.tensor(gen_index, device=self.device)
-        return sample(logits, positions, temperature=self.temperature, seed=self.seed, row_keys=keys).tolist()
-
-    def _draft_len(self, active) -> int:
-        """Fixed ``draft_len``, or the candidate with the best measured token rate (each is tried
-        first, and one is re-measured every 16 blocks, since the switch rate drifts with length)."""
-        longest = max(self.max_new - len(self.out[i][0]) for i in active)
-        if not self.adaptive:
-            k = self.draft_len
-        else:
-            untried = [c for c in self.candidates if c not in self.rates]
-            if untried:
-                k = untried[0]
-            elif self.blocks % 16 == 0:
-                k = self.candidates[(self.blocks // 16) % len(self.candidates)]
-            else:
-                k = max(self.rates, key=self.rates.get)
-        return max(1, min(k, longest))
-
-    def _record_rate(self, k: int, tokens: int, seconds: float):
-        rate = tokens / max(seconds, 1e-9)
-        self.rates[k] = rate if k not in self.rates else 0.7 * self.rates[k] + 0.3 * rate
-        self.blocks += 1
-
-    def _block(self, active: list[int]) -> list[int]:
-        teacher_cache, student_cache = self.gen.caches
-        block_start = time.perf_counter()
-        k = self._draft_len(active)
-        done = {i: len(self.out[i][0]) for i in active}  # tokens generated so far
-        # Draft: k one-token student forwards; drafts d_0 .. d_{k-2} feed the next forward.
-        feed = {i: [self.pending[i]] for i in active}
-        drafts = {i: [] for i in active}
-        student_logits = []
-        for j in range(k):
-            logits = self._forward(self.gen.student, student_cache, feed, last_only=True)[:, -1]
-            self.student_forwards += 1
-            student_logits.append(logits)
-            if j < k - 1:
-                tokens = self._sample_student(logits, active, [done[i] + j for i in active])
-                feed = {i: [t] for i, t in zip(active, tokens, strict=True)}
-                for i, t in zip(active, tokens, strict=True):
-                    drafts[i].append(t)
-        # Score: one teacher forward over [pending, d_0 .. d_{k-2}].
-        teacher_logits = self._forward(self.gen.teacher, teacher_cache,
-                                       {i: [self.pending[i]] + drafts[i] for i in active}, last_only=False)
-        self.teacher_forwards += 1
-        vocab = teacher_logits.shape[-1]
-        step = fused_switch_step(
-            torch.stack(student_logits, 1).reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
-            torch.tensor([done[i] + j for i in active for j in range(k)], device=self.device),
-            policy=self.policy, temperature=self.temperature, seed=self.seed,
-            row_keys=torch.tensor(active, device=self.device).repeat_interleave(k),
-        )
-        tokens = step.tokens.view(len(active), k).tolist()
-        switched = step.from_teacher.view(len(active), k).tolist()
-        divergence = step.divergence.view(len(active), k).tolist()
-        start = time.perf_counter()
-        still_active, kept, accepted = [], [], 0
-        for row, i in enumerate(active):
-            keep = min(k, self.max_new - done[i])  # tokens this sequence may still take
-            if True in switched[row][:keep]:
-                keep = switched[row].index(True) + 1
-            stop = next((j for j, t in enumerate(tokens[row][:keep]) if t in self.eos), None)
-            if stop is not None:
-                keep = stop + 1
-            accepted += keep
-            out_tokens, out_teacher, out_div = self.out[i]
-            out_tokens += tokens[row][:keep]
-            out_teacher += switched[row][:keep]
-            out_div += divergence[row][:keep]
-            finished = len(out_tokens) >= self.max_new or out_tokens[-1] in self.eos
-            if finished:
-                teacher_cache.manager.free(i)
-                student_cache.manager.free(i)
-                continue
-            self.pending[i] = out_tokens[-1]
-            still_active.append(i)
-            kept.append(keep)
-        if still_active:
-            # Both caches hold base + k tokens; keep the pending token and the accepted drafts.
-            lengths = (teacher_cache.manager.lengths(still_active) - k + torch.tensor(kept)).tolist()
-            teacher_cache.manager.truncate(still_active, lengths)
-            student_cache.manager.truncate(still_active, lengths)
-        self.bookkeeping_seconds += time.perf_counter() - start
-        self._record_rate(k, accepted, time.perf_counter() - block_start)
-        return still_active
+def _collect(prompts, rows, max_new_tokens, pad_token_id, eos, stats: DecodeStats) -> SwitchOutput:
+    pad = pad_token_id if pad_token_id is not None else min(eos, default=0)
+    responses = [r[0] for r in rows]
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    sequences = torch.full((len(prompts), width), pad, dtype=torch.int64)
+    from_teacher = torch.zeros(len(prompts), max_new_tokens, dtype=torch.bool)
+    divergence = torch.full((len(prompts), max_new_tokens), float("nan"))
+    for i, (p, (r, switched, div)) in enumerate(zip(prompts, rows, strict=True)):
+        sequences[i, : len(p) + len(r)] = torch.tensor(p + r)
+        from_teacher[i, : len(r)] = switched
+        divergence[i, : len(r)] = div
+    return SwitchOutput(
+        sequences=sequences,
+        prompt_lengths=torch.tensor([len(p) for p in prompts]),
+        response_lengths=torch.tensor([len(r) for r in responses]),
+        from_teacher=from_teacher,
+        divergence=divergence,
+        responses=responses,
+        student_forwards=stats.student_forwards,
+        teacher_forwards=stats.teacher_forwards,
+        bookkeeping_seconds=stats.bookkeeping_seconds,
+    )
 
 
 def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: SwitchPolicy = DEFAULT_POLICY,
                     max_new_tokens: int = 256, temperature: float = 1.0, eos_token_id: int | list[int] | None = None,
                     seed: int = 0, draft_len: int = 4, adaptive_draft: bool = True, pad_token_id: int | None = None,
-                    row_keys: list[int] | None = None, block_size: int = 16,
-                    num_blocks: int | None = None) -> SwitchOutput:
+                    row_keys: list[int] | None = None, block_size: int = 16, num_blocks: int | None = None,
+                    cuda_graphs: bool | None = None) -> SwitchOutput:
     """Generate with SWITCH: the student writes, the teacher takes over tokens the policy picks.
 
     Args:
@@ -394,12 +330,13 @@ def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: S
         draft_len: the most tokens the student drafts per teacher forward (1 = stepwise). With
             ``adaptive_draft`` the generator measures the token rate of each power-of-two length up to
             ``draft_len`` and keeps the fastest (it falls to 1 when most tokens switch).
-        block_size, num_blocks: KV pool geometry (see :class:`SwitchGenerator`).
+        block_size, num_blocks, cuda_graphs: KV pool geometry and step path (see :class:`SwitchGenerator`).
 
     Returns:
         :class:`SwitchOutput` with ``sequences``, ``from_teacher``, ``divergence`` and counters.
     """
-    generator = SwitchGenerator(teacher, student, block_size=block_size, num_blocks=num_blocks)
+    generator = SwitchGenerator(teacher, student, block_size=block_size, num_blocks=num_blocks,
+                                cuda_graphs=cuda_graphs)
     return generator.generate(prompts, attention_mask, policy=policy, max_new_tokens=max_new_tokens,
                               temperature=temperature, eos_token_id=eos_token_id, seed=seed, draft_len=draft_len,
                               adaptive_draft=adaptive_draft, pad_token_id=pad_token_id, row_keys=row_keys)

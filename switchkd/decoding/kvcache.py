@@ -25,7 +25,11 @@ ATTENTION_NAME = "switchkd_paged"
 
 
 class PagedKVCache:
-    """KV blocks of one model: a ``switchkd._C.BlockManager`` plus per-layer K/V pools."""
+    """KV blocks of one model: a ``switchkd._C.BlockManager`` plus per-layer K/V pools.
+
+    The pools hold one block more than the manager hands out: block ``scratch_block`` takes the
+    writes of padding rows in the static-shape path and pads block tables.
+    """
 
     def __init__(self, num_blocks: int, block_size: int):
         self.manager = _C.BlockManager(num_blocks, block_size)
@@ -36,10 +40,14 @@ class PagedKVCache:
     def num_blocks(self) -> int:
         return self.manager.num_blocks
 
+    @property
+    def scratch_block(self) -> int:
+        return self.manager.num_blocks
+
     def pools(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V pools of a layer, created on first use with ``like``'s heads, head dim, dtype, device."""
         if layer_idx not in self.layers:
-            shape = (self.num_blocks, self.block_size, like.shape[1], like.shape[-1])
+            shape = (self.num_blocks + 1, self.block_size, like.shape[1], like.shape[-1])
             self.layers[layer_idx] = (like.new_zeros(shape), like.new_zeros(shape))
         return self.layers[layer_idx]
 
@@ -49,38 +57,59 @@ class PagedKVCache:
         The forward's inputs are right-padded to ``max(counts)`` tokens per sequence; padded tokens are
         never written to the cache. All metadata comes from one C++ call.
         """
-        slots, rows, positions, table, lengths, mask = self.manager.prepare(ids, counts)
+        slots, rows, positions, table, lengths = (
+            torch.from_numpy(a) for a in self.manager.prepare(ids, counts, pad_block=self.scratch_block))
+        uniform = min(counts) == max(counts)
         return PagedBatch(
             cache=self,
             write_slots=slots.to(device, non_blocking=True),
-            write_rows=rows.to(device, non_blocking=True),
+            write_rows=None if uniform else rows.to(device, non_blocking=True),
             positions=positions.to(device, non_blocking=True),
             block_table=table.to(device, non_blocking=True),
-            mask=mask.to(device, non_blocking=True),
             lengths=lengths.to(device=device, dtype=torch.int32, non_blocking=True),
-            uniform=min(counts) == max(counts),
         )
+
+
+def causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """``[B, 1, q, num_keys]`` bool, True where key ``j`` may be read by the query at ``positions[b, i]``
+    (``j <= position``: bottom-right causal over the sequence's own blocks). No host sync."""
+    keys = torch.arange(num_keys, device=positions.device)
+    return keys <= positions[:, None, :, None]
 
 
 @dataclass
 class PagedBatch:
-    """Per-forward metadata shared by all layers (extra forward keyword ``switchkd_paged``)."""
+    """Per-forward metadata shared by all layers (extra forward keyword ``switchkd_paged``).
+
+    Every field is a tensor of a shape fixed by the forward's inputs, so a static-shape step reads
+    them from preallocated buffers and the attention function can be captured in a CUDA graph.
+    """
 
     cache: PagedKVCache
-    write_slots: torch.Tensor  # [n] int64 pool slots of the real (non-pad) new tokens
-    write_rows: torch.Tensor  # [n] int64 their rows in the flattened [B * q] inputs
+    write_slots: torch.Tensor  # [n] int64 pool slots of the written new tokens
+    write_rows: torch.Tensor | None  # [n] int64 their rows in the flattened [B * q] inputs; None = all rows
     positions: torch.Tensor  # [B, q] int64 position ids (pads repeat the last real position)
-    block_table: torch.Tensor  # [B, max_blocks] int64 block ids (padding clamped to 0, masked out)
-    mask: torch.Tensor  # [B, 1, q, max_blocks * block_size] bool, True = attend
+    block_table: torch.Tensor  # [B, max_blocks] int64 block ids (padding: the scratch block, masked out)
     lengths: torch.Tensor  # [B] int32 cached tokens per sequence, new ones included
-    uniform: bool  # every sequence adds the same number of tokens (no padded queries)
+    mask: torch.Tensor | None = None  # [B, 1, q, max_blocks * block_size] bool, True = attend
+
+    def __post_init__(self):
+        if self.mask is None:
+            self.mask = causal_mask(self.positions, self.block_table.shape[1] * self.cache.block_size)
+
+    @property
+    def uniform(self) -> bool:
+        """Every sequence adds the same number of tokens (no padded queries)."""
+        return self.write_rows is None
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function: query ``[B, H, q, D]``, key/value ``[B, H_kv, q, D]`` (new tokens).
 
     Writes the new keys/values into the pools, gathers each sequence's blocks and runs SDPA with a
-    bottom-right-aligned causal mask (GQA through ``enable_gqa``). Returns ``[B, q, H, D]``.
+    bottom-right-aligned causal mask (GQA through ``enable_gqa``). Returns ``[B, q, H, D]``. Its control
+    flow depends only on shapes, dtypes and devices, never on tensor values, so it can be captured in a
+    CUDA graph.
     """
     batch: PagedBatch | None = kwargs.pop(ATTENTION_NAME, None)
     if batch is None:
@@ -90,7 +119,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     num_heads, head_dim = key.shape[1], key.shape[-1]
     for pool, new in ((k_pool, key), (v_pool, value)):
         flat_new = new.transpose(1, 2).reshape(-1, num_heads, head_dim)
-        pool.view(-1, num_heads, head_dim).index_copy_(0, batch.write_slots, flat_new.index_select(0, batch.write_rows))
+        if batch.write_rows is not None:
+            flat_new = flat_new.index_select(0, batch.write_rows)
+        pool.view(-1, num_heads, head_dim).index_copy_(0, batch.write_slots, flat_new)
     if _use_flash_attn(query, batch):
         from flash_attn import flash_attn_with_kvcache
 
