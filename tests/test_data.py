@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from switchkd.training.data import DistillCollator, DistillDataset, pad_sequences, read_jsonl
+from switchkd.training.data import (
+    DistillCollator,
+    DistillDataset,
+    Example,
+    as_example,
+    pad_sequences,
+    prompt_text,
+    read_jsonl,
+)
 
 from models import char_tokenizer
 
@@ -18,22 +26,53 @@ def test_prompt_response_and_dolly_rows(tmp_path):
                             {"instruction": "say hi", "context": "", "response": "hi"},
                             {"instruction": "sum", "context": "1 2", "response": "3"}, ""])
     pairs = read_jsonl(path)
-    assert pairs[0] == ("p1", "r1")
+    assert pairs[0] == ("p1", "r1", "raw")
     assert "### Instruction:\nsay hi" in pairs[1][0] and "### Input" not in pairs[1][0]
-    assert "### Input:\n1 2" in pairs[2][0] and pairs[2][1] == "3"
+    assert "### Input:\n1 2" in pairs[2][0] and pairs[2][1:] == ("3", "instruction")
+    assert as_example("say hi", "instruction").prompt == pairs[1].prompt  # generate --prompt formats alike
+
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"}, {"role": "user", "content": "abc"},
+        {"role": "assistant", "content": "cba"}]
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_messages_rows_use_the_chat_template_when_there_is_one(tmp_path):
+    example = read_jsonl(write(tmp_path, [{"messages": CHAT}]))[0]
+    assert example == Example(CHAT[:-1], "cba", "chat")
+    tok = char_tokenizer()
+    assert prompt_text(example.prompt, tok) == "system: be brief\nuser: hi\nassistant: yo\nuser: abc\nassistant: "
+    tok.chat_template = TEMPLATE
+    text = "<system>be brief<user>hi<assistant>yo<user>abc<assistant>"
+    assert prompt_text(example.prompt, tok) == text
+    data = DistillDataset([example], tok, max_prompt_tokens=64)
+    assert data.prompts == [text] and data.prompt_format == "chat" and data.references == ["cba"]
+    assert data[0]["prompt_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert prompt_text(as_example("abc", "chat").prompt, tok) == "<user>abc<assistant>"
 
 
 @pytest.mark.parametrize("line, match", [
     ("{not json", r"data.jsonl:2: not valid JSON"),
     ('["a"]', r"data.jsonl:2: a row must be a JSON object"),
-    ({"response": "x"}, r"data.jsonl:2: a row needs 'prompt' or 'instruction'"),
+    ({"response": "x"}, r"data.jsonl:2: a row needs 'prompt', 'instruction' or 'messages'"),
     ({"prompt": "x"}, r"data.jsonl:2: 'response' must be a string"),
     ({"prompt": "", "response": "x"}, r"data.jsonl:2: the prompt must be a non-empty string"),
     ({"instruction": "x", "context": 3, "response": "y"}, r"data.jsonl:2: 'context' must be a string"),
+    ({"messages": [{"role": "user"}]}, r"data.jsonl:2: 'messages' must be a list of"),
+    ({"messages": CHAT[:-1]}, r"data.jsonl:2: 'messages' needs at least one turn before a last, assistant, turn"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, line, match):
     path = write(tmp_path, [{"prompt": "ok", "response": "ok"}, line])
     with pytest.raises(ValueError, match=match):
+        read_jsonl(path)
+
+
+def test_a_line_that_is_not_utf8_names_file_line_and_byte(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(ValueError, match=r"data.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
         read_jsonl(path)
 
 

@@ -3,6 +3,7 @@ its default and its help (the CLI is generated from it)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -21,6 +22,12 @@ class SwitchKDConfig(TrainingArguments):
     ``dataset`` (the data's responses; supervised KD), or ``adaptive`` (DistiLLM: student samples
     with a probability rising to ``adaptive_max_prob`` over the first ``adaptive_warmup_ratio`` of
     training, reused from a replay buffer of ``replay_size`` sequences with probability ``replay_ratio``).
+
+    TRL ``GKDConfig`` names: ``lmbda`` (probability that a step uses the generated ``source`` rather than
+    the dataset's responses, or the teacher's samples with ``seq_kd``), ``seq_kd``, ``model_init_kwargs``
+    and ``teacher_model_init_kwargs`` (``from_pretrained`` kwargs when the models are given as paths/ids;
+    a dict or its JSON text); GKD's ``beta`` is ``kd_beta`` with ``loss_kind="jsd"``, its ``temperature``
+    ``gen_temperature`` (and ``kd_temperature``).
     """
 
     source: str = field(default="switch", metadata={"help": f"sequence source, one of {SOURCES}"})
@@ -42,6 +49,21 @@ class SwitchKDConfig(TrainingArguments):
     adaptive_warmup_ratio: float = field(default=0.5, metadata={"help": "adaptive: share of training to reach it"})
     replay_size: int = field(default=1000, metadata={"help": "adaptive: replay buffer capacity (sequences)"})
     replay_ratio: float = field(default=0.5, metadata={"help": "adaptive: P(reuse from the buffer)"})
+    lmbda: float = field(default=1.0, metadata={
+        "help": "probability that a step uses --source's sequences rather than the data's (or, with --seq-kd, "
+                "the teacher's); TRL GKD's lmbda (GKD: --source student --lmbda 0.5)"})
+    seq_kd: bool = field(default=False, metadata={
+        "help": "steps not taken from --source use teacher-generated sequences instead of the data's (TRL GKD)"})
+    model_init_kwargs: dict | str | None = field(default=None, metadata={
+        "help": "from_pretrained kwargs of a student given as a path or id (JSON), e.g. '{\"dtype\": \"bfloat16\"}'"})
+    teacher_model_init_kwargs: dict | str | None = field(default=None, metadata={
+        "help": "from_pretrained kwargs of a teacher given as a path or id (JSON)"})
+    warmup_ratio: float = field(default=0.0, metadata={
+        "help": "share of the training steps of linear learning-rate warmup (sets warmup_steps)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "train in an output_dir that holds another run: its checkpoint-* folders are removed first"})
+    logging_steps: float = field(default=10, metadata={
+        "help": "log every N optimizer steps (a float in [0, 1): that share of the training)"})
     fused_linear_loss: bool | None = field(default=None, metadata={
         "help": "KD loss from last hidden states and LM heads (fused_linear_kd_loss), without full [N, V] logits; "
                 "default: on CUDA when both LM heads are bias-free linear layers"})
@@ -49,18 +71,50 @@ class SwitchKDConfig(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "every student weight is used"})
 
     def __post_init__(self):
+        self.model_init_kwargs = _json_dict(self.model_init_kwargs, "model_init_kwargs")
+        self.teacher_model_init_kwargs = _json_dict(self.teacher_model_init_kwargs, "teacher_model_init_kwargs")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be >= 1 (or -1: train num_train_epochs epochs), got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio:
+            if self.warmup_steps:
+                raise ValueError("set warmup_ratio or warmup_steps, not both")
+            self.warmup_steps = self.warmup_ratio  # TrainingArguments reads a float in (0, 1) as a ratio
         super().__post_init__()
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
         if self.loss_kind not in LOSS_KINDS:
             raise ValueError(f"loss_kind must be one of {LOSS_KINDS}, got {self.loss_kind!r}")
-        for name in ("adaptive_max_prob", "adaptive_warmup_ratio", "replay_ratio", "kd_alpha", "kd_beta"):
+        for name in ("adaptive_max_prob", "adaptive_warmup_ratio", "replay_ratio", "kd_alpha", "kd_beta", "lmbda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("max_new_tokens", "draft_len", "block_size", "replay_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("gen_temperature", "kd_weight", "ce_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.source in ("adaptive", "dataset") and (self.lmbda != 1.0 or self.seq_kd):
+            raise ValueError(f"lmbda and seq_kd mix generated and dataset steps; source={self.source!r} has its own "
+                             "mix (use source switch, student or teacher)")
         self.switch_policy()  # validates policy/tau0/decay/top_k
 
     def switch_policy(self) -> SwitchPolicy:
         return SwitchPolicy(self.policy, tau0=self.tau0, decay=self.decay, top_k=self.top_k)
+
+
+def _json_dict(value, name: str) -> dict | None:
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except (TypeError, ValueError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name} must be a dict or its JSON text, got {value!r}")
+    return parsed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -12,62 +13,131 @@ logger = logging.getLogger(__name__)
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_WITH_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
+PROMPT_FORMATS = ("raw", "instruction", "chat")  # {prompt} rows, Dolly rows, {messages} rows
 
 
-def read_jsonl(path) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from ``{"prompt", "response"}`` or Dolly's ``{"instruction", "context",
-    "response"}`` rows (Dolly rows get the instruction template). A malformed row raises ``ValueError``
+class Example(NamedTuple):
+    """One row: ``prompt`` is text, or the chat turns before the last assistant turn (``format="chat"``)."""
+
+    prompt: str | list[dict]
+    response: str
+    format: str = "raw"
+
+
+def read_jsonl(path) -> list[Example]:
+    """Examples from ``{"prompt", "response"}``, Dolly's ``{"instruction", "context", "response"}`` (the
+    instruction template) or chat ``{"messages": [{"role", "content"}, ...]}`` rows (the prompt is every turn
+    before the last, assistant, turn). A malformed row or a line that is not UTF-8 raises ``ValueError``
     naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
-    pairs = []
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
+    examples = []
+    with path.open("rb") as lines:
+        for lineno, raw in enumerate(lines, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})") \
+                    from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            pairs.append(_pair(row, f"{path}:{lineno}"))
-    return pairs
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            examples.append(parse_row(row, where))
+    return examples
 
 
-def _pair(row, where: str) -> tuple[str, str]:
+def parse_row(row, where: str = "row") -> Example:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        return _chat_example(row["messages"], where)
     if "prompt" in row:
-        prompt = row["prompt"]
+        prompt, kind = row["prompt"], "raw"
     elif "instruction" in row:
         context = row.get("context") or ""
         if not isinstance(context, str):
             raise ValueError(f"{where}: 'context' must be a string")
-        template = PROMPT_WITH_INPUT_TEMPLATE if context.strip() else PROMPT_TEMPLATE
-        prompt = template.format(instruction=row["instruction"], context=context)
+        prompt, kind = instruction_prompt(row["instruction"], context), "instruction"
     else:
-        raise ValueError(f"{where}: a row needs 'prompt' or 'instruction' (and 'response'); keys: {sorted(row)}")
+        raise ValueError(f"{where}: a row needs 'prompt', 'instruction' or 'messages' (and 'response'); "
+                         f"keys: {sorted(row)}")
     response = row.get("response")
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"{where}: the prompt must be a non-empty string")
     if not isinstance(response, str):
         raise ValueError(f"{where}: 'response' must be a string")
-    return prompt, response
+    return Example(prompt, response, kind)
+
+
+def instruction_prompt(instruction, context: str = "") -> str:
+    """Dolly's instruction template (with an ``### Input`` section when there is a context)."""
+    if not isinstance(instruction, str) or not instruction:
+        raise ValueError("the instruction must be a non-empty string")
+    template = PROMPT_WITH_INPUT_TEMPLATE if context.strip() else PROMPT_TEMPLATE
+    return template.format(instruction=instruction, context=context)
+
+
+def _chat_example(messages, where: str) -> Example:
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+    if not ok:
+        raise ValueError(f"{where}: 'messages' must be a list of {{\"role\": str, \"content\": str}} turns")
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: 'messages' needs at least one turn before a last, assistant, turn")
+    return Example([dict(m) for m in messages[:-1]], messages[-1]["content"], "chat")
+
+
+def as_example(prompt: str, prompt_format: str) -> Example:
+    """A bare prompt (``switchkd generate --prompt``) as a row of ``prompt_format``: the text as is, as Dolly's
+    instruction, or as one user turn."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if prompt_format == "instruction":
+        return Example(instruction_prompt(prompt), "", "instruction")
+    if prompt_format == "chat":
+        return Example([{"role": "user", "content": prompt}], "", "chat")
+    return Example(prompt, "", "raw")
+
+
+def prompt_text(prompt, tokenizer) -> str:
+    """The text a model sees for a prompt: chat turns through the tokenizer's chat template (with the assistant
+    generation prompt) when it has one, else as ``role: content`` lines; text as is. Training, ``generate``
+    and ``eval`` all go through here."""
+    if isinstance(prompt, str):
+        return prompt
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
+
+
+def data_format(examples) -> str:
+    """The prompt format of a data set (what ``generate --prompt`` should use after training on it)."""
+    kinds = {e.format for e in examples}
+    return kinds.pop() if len(kinds) == 1 else "raw"
 
 
 class DistillDataset(torch.utils.data.Dataset):
-    """Tokenised (prompt, response) pairs; rows too long for the limits are dropped and counted.
+    """Tokenised examples (a JSONL path, :class:`Example` rows or ``(prompt, response)`` pairs, a prompt being
+    text or chat turns); rows too long for the limits are dropped and counted.
 
-    Items: ``{"prompt_ids": [...], "response_ids": [...] (EOS appended), "index": i}``.
+    Items: ``{"prompt_ids": [...], "response_ids": [...] (EOS appended), "index": i}``; ``prompts`` holds the
+    prompt texts the model sees (:func:`prompt_text`), ``prompt_format`` the data's format.
     """
 
     def __init__(self, source, tokenizer, *, max_prompt_tokens: int = 256, max_length: int = 512,
                  add_eos: bool = True):
-        pairs = read_jsonl(source) if isinstance(source, (str, Path)) else list(source)
+        pairs = read_jsonl(source) if isinstance(source, (str, Path)) else [_example(e) for e in source]
         eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
-        self.items, self.references, self.dropped = [], [], 0
-        for prompt, response in pairs:
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        self.prompt_format = data_format(pairs)
+        self.items, self.references, self.prompts, self.dropped = [], [], [], 0
+        for prompt, response, _ in pairs:
+            text = prompt_text(prompt, tokenizer)
+            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
             too_long = len(prompt_ids) > max_prompt_tokens or len(prompt_ids) + len(response_ids) > max_length
             if not prompt_ids or too_long:
@@ -75,6 +145,7 @@ class DistillDataset(torch.utils.data.Dataset):
                 continue
             self.items.append({"prompt_ids": prompt_ids, "response_ids": response_ids, "index": len(self.items)})
             self.references.append(response)
+            self.prompts.append(text)
         if self.dropped:
             logger.warning("dropped %d of %d rows longer than max_prompt_tokens=%d / max_length=%d", self.dropped,
                            len(pairs), max_prompt_tokens, max_length)
@@ -86,6 +157,13 @@ class DistillDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
+
+
+def _example(row) -> Example:
+    if isinstance(row, Example):
+        return row
+    prompt, response = row
+    return Example(prompt, response, "chat" if isinstance(prompt, list) else "raw")
 
 
 class DistillCollator:

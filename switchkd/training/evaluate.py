@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 DEFAULT_BUCKETS = (16, 64, 128)  # reference-length (tokens) bucket edges
+UNITS = {"rougeL": "fraction in [0, 1] (ROUGE-L F-measure, stemmed; the table shows percent)",
+         "exact_match": "fraction in [0, 1] (the table shows percent)", "n": "examples",
+         "by_length": "reference length in tokens of the model's tokenizer",
+         "null": "no example in that bucket"}
 
 
 @functools.cache
@@ -30,6 +35,14 @@ def rouge_l(prediction: str, references: list[str]) -> float:
 def generate_responses(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 128,
                        temperature: float = 0.0, batch_size: int = 8, seed: int = 0, progress: bool = True):
     """Token ids each prompt's response (EOS stripped), with ``model.generate`` on left-padded batches."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if any(not p for p in prompts):
+        raise ValueError("prompt is empty: every prompt needs at least one token")
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -63,14 +76,14 @@ def _bucket(length: int, edges) -> str:
 
 def score(predictions: list[str], references: list[list[str]], reference_lengths: list[int],
           buckets=DEFAULT_BUCKETS) -> dict:
-    """Mean ROUGE-L F and exact match overall and per reference-length bucket."""
+    """Mean ROUGE-L F and exact match (fractions) overall and per reference-length bucket; None when empty."""
     rows = [(rouge_l(p, refs), float(any(p.strip() == r.strip() for r in refs)), _bucket(n, buckets))
             for p, refs, n in zip(predictions, references, reference_lengths, strict=True)]
 
     def summary(selected):
         n = len(selected)
-        return {"n": n, "rougeL": sum(r for r, _, _ in selected) / n if n else float("nan"),
-                "exact_match": sum(e for _, e, _ in selected) / n if n else float("nan")}
+        return {"n": n, "rougeL": sum(r for r, _, _ in selected) / n if n else None,
+                "exact_match": sum(e for _, e, _ in selected) / n if n else None}
 
     names = [_bucket(edge - 1, buckets) for edge in buckets] + [_bucket(buckets[-1], buckets)]
     return {"overall": summary(rows), "by_length": {b: summary([r for r in rows if r[2] == b]) for b in names}}
@@ -85,17 +98,35 @@ def evaluate(model, tokenizer, dataset, *, max_new_tokens: int = 128, temperatur
     predictions = tokenizer.batch_decode(responses, skip_special_tokens=True)
     lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in dataset.references]
     report = score(predictions, [[r] for r in dataset.references], lengths, buckets)
+    report["units"] = UNITS
     report["predictions"] = predictions
     return report
 
 
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
 def format_table(report: dict) -> str:
-    lines = [f"{'bucket (ref tokens)':<20} {'n':>5} {'ROUGE-L':>8} {'exact':>7}"]
+    """Overall and per-bucket scores in percent (empty buckets as "-")."""
+    lines = [f"{'bucket (ref tokens)':<20} {'n':>5} {'ROUGE-L %':>10} {'exact %':>8}"]
     for name, row in [("overall", report["overall"]), *report["by_length"].items()]:
-        lines.append(f"{name:<20} {row['n']:>5} {100 * row['rougeL']:>8.2f} {100 * row['exact_match']:>7.2f}")
+        lines.append(f"{name:<20} {row['n']:>5} {_percent(row['rougeL']):>10} {_percent(row['exact_match']):>8}")
     return "\n".join(lines)
 
 
+def _strict(value):
+    """JSON-safe: NaN and infinities become null (strict parsers reject them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_report(report: dict, path) -> None:
+    """Strict JSON (``allow_nan=False``: non-finite numbers are written as null)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=1) + "\n")
+    Path(path).write_text(json.dumps(_strict(report), indent=1, allow_nan=False) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections import defaultdict
@@ -12,47 +13,99 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..decoding.generator import SwitchGenerator
 from ..ops.spec import SwitchPolicy
+from .checkpoints import check_output_dir, clear_marker, latest_complete, mark_complete, remove_previous_checkpoints
 from .config import SwitchKDConfig
 from .data import DistillCollator, pack_batch
 from .losses import plain_lm_head, sequence_cross_entropy, sequence_kd_loss, sequence_linear_kd_loss
+from .models import (
+    apply_peft,
+    base_model,
+    check_output_rows,
+    check_vocabularies,
+    load_model,
+    load_tokenizer,
+    match_teacher_rows,
+)
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "switchkd_state_rank{rank}.pt"
 
 
 class SwitchKDTrainer(Trainer):
-    """Distils ``model`` (the student) from a frozen ``teacher``.
+    """Distils ``model`` (the student) from a frozen ``teacher_model``.
 
     Each step takes the batch's prompts, gets responses from the configured source (generated under
     ``no_grad`` by one reused :class:`SwitchGenerator`), runs both models on ``prompt + response`` and
     minimises the KD loss on the response tokens (the mean over sequences of each sequence's token
     mean, so the loss does not depend on how a global batch is split across processes), plus
     ``ce_weight`` times cross-entropy when the responses come from the data. Logs ``kd_loss``,
-    ``gen_divergence`` (JSD at generated tokens) and ``teacher_share`` through the Trainer's logging.
+    ``gen_divergence`` (JSD at generated tokens, nats in [0, ln 2]) and ``teacher_share`` through the
+    Trainer's logging; an ``eval_dataset`` is scored by the KD loss on its responses (``eval_loss``).
+
+    TRL ``GKDTrainer`` names: ``model`` and ``teacher_model`` (``teacher=`` is the same) are models or
+    paths/ids loaded with ``args.model_init_kwargs`` / ``args.teacher_model_init_kwargs``; ``peft_config``
+    (a ``peft`` config, e.g. ``LoraConfig``) trains and saves only adapter weights. Teacher and student
+    share the tokenizer (``processing_class``; ``teacher_processing_class`` is compared with it token by
+    token when given or when the teacher is a path); output rows past the tokenizer's length (padded
+    embeddings) are left out of the loss, and a teacher with more padded rows than the student loses
+    them (``resize_token_embeddings``) so that both sample over the same rows.
 
     Example::
 
         args = SwitchKDConfig(output_dir="out", source="switch", max_steps=1000, per_device_train_batch_size=8)
-        trainer = SwitchKDTrainer(model=student, teacher=teacher, args=args, train_dataset=dataset,
+        trainer = SwitchKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                                   processing_class=tokenizer)
         trainer.train()
     """
 
-    def __init__(self, model, teacher, args: SwitchKDConfig, train_dataset=None, data_collator=None,
+    def __init__(self, model=None, teacher_model=None, args: SwitchKDConfig | None = None, train_dataset=None,
+                 data_collator=None, *, teacher=None, peft_config=None, teacher_processing_class=None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None, **kwargs):
         if not isinstance(args, SwitchKDConfig):
             raise TypeError(f"args must be a SwitchKDConfig, got {type(args).__name__}")
-        super().__init__(model=model, args=args, train_dataset=train_dataset,
+        if teacher is not None and teacher_model is not None:
+            raise TypeError("pass the teacher once: teacher_model= (TRL's name) or teacher=")
+        teacher_model = teacher_model if teacher_model is not None else teacher
+        if model is None or teacher_model is None:
+            raise TypeError("SwitchKDTrainer needs model (the student) and teacher_model")
+        if kwargs.get("processing_class") is None and isinstance(model, (str, os.PathLike)):
+            kwargs["processing_class"] = load_tokenizer(model)
+        if teacher_processing_class is None and isinstance(teacher_model, (str, os.PathLike)):
+            teacher_processing_class = load_tokenizer(teacher_model)
+        student = load_model(model, args.model_init_kwargs, name="model")
+        teacher_model = load_model(teacher_model, args.teacher_model_init_kwargs, name="teacher_model")
+        self.vocab_size = self._check_models(teacher_model, student, kwargs["processing_class"],
+                                             teacher_processing_class, args)
+        if peft_config is not None:
+            student = apply_peft(student, peft_config)
+        super().__init__(model=student, args=args, train_dataset=train_dataset,
                          data_collator=data_collator or DistillCollator(), **kwargs)
         tokenizer = self.processing_class
         self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         pad = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
         self.generator: SwitchGenerator | None = None
         self.replay: list[tuple[list[int], list[int]]] = []
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._checked_hidden = False
         self._fused_linear_ok: bool | None = None
+
+    @staticmethod
+    def _check_models(teacher, student, tokenizer, teacher_tokenizer, args) -> int | None:
+        """The tokenizer's length (None without a tokenizer); refuses different tokenizers or too few rows."""
+        if tokenizer is not None and teacher_tokenizer is not None:
+            check_vocabularies(teacher_tokenizer, tokenizer)
+        vocab = len(tokenizer) if tokenizer is not None else None
+        student_rows = check_output_rows(student, vocab, "student")
+        teacher_rows = check_output_rows(teacher, vocab, "teacher")
+        if teacher_rows != student_rows and vocab is None:
+            raise ValueError(f"teacher and student have {teacher_rows} and {student_rows} output rows: pass the "
+                             "tokenizer (processing_class) to tell real tokens from padded rows")
+        if args.source != "dataset" or args.seq_kd:
+            match_teacher_rows(teacher, student_rows, vocab)
+        return vocab
 
     # ------------------------------------------------------------------------------------ sources
     def _step_rng(self, index: torch.Tensor) -> random.Random:
@@ -61,6 +114,8 @@ class SwitchKDTrainer(Trainer):
 
     def _source(self, rng: random.Random) -> str:
         args = self.args
+        if args.lmbda < 1.0 and rng.random() >= args.lmbda:
+            return "teacher" if args.seq_kd else "dataset"
         if args.source != "adaptive":
             return args.source
         ramp = max(1.0, args.adaptive_warmup_ratio * max(self.state.max_steps, 1))
@@ -70,7 +125,7 @@ class SwitchKDTrainer(Trainer):
 
     def _generate(self, model, prompts, index, policy: SwitchPolicy):
         if self.generator is None:
-            student = self.accelerator.unwrap_model(model)
+            student = base_model(self.accelerator.unwrap_model(model))
             self.generator = SwitchGenerator(self.teacher, student, block_size=self.args.block_size)
         span = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else 1 << 32
         keys = (index + self.state.global_step * span).tolist()  # unique per example and step, any world size
@@ -129,19 +184,33 @@ class SwitchKDTrainer(Trainer):
             with torch.no_grad():
                 teacher_logits = self.teacher(**model_inputs).logits
             outputs = model(**model_inputs)
-            loss = sequence_kd_loss(outputs.logits[:, :-1], teacher_logits[:, :-1], shifted, **loss_args)
-        self._metrics["kd_loss"].append(float(loss.detach()))
+            student_logits, teacher_logits = (self._tokens_only(x[:, :-1]) for x in (outputs.logits, teacher_logits))
+            loss = sequence_kd_loss(student_logits, teacher_logits, shifted, **loss_args)
+        if model.training:
+            self._metrics["kd_loss"].append(float(loss.detach()))
         loss = self.args.kd_weight * loss
         if needs_logits:
-            loss = loss + self.args.ce_weight * sequence_cross_entropy(outputs.logits[:, :-1], shifted)
+            loss = loss + self.args.ce_weight * sequence_cross_entropy(student_logits, shifted)
         return (loss, outputs) if return_outputs else loss
+
+    def _tokens_only(self, rows: torch.Tensor) -> torch.Tensor:
+        """The logits of real tokens: columns of padded embedding rows stay out of the loss."""
+        if self.vocab_size is None or rows.shape[-1] <= self.vocab_size:
+            return rows
+        return rows[..., : self.vocab_size]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the KD loss on the data's responses (``eval_loss``); no logits are gathered."""
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def _use_fused_linear(self, model) -> bool:
         """``fused_linear_loss``: True/False as set; None = on CUDA when both LM heads are plain linear layers."""
         if self.args.fused_linear_loss is not None:
             return self.args.fused_linear_loss
         if self._fused_linear_ok is None:
-            heads = (plain_lm_head(self.accelerator.unwrap_model(model)), plain_lm_head(self.teacher))
+            heads = (plain_lm_head(base_model(self.accelerator.unwrap_model(model))), plain_lm_head(self.teacher))
             self._fused_linear_ok = self.args.device.type == "cuda" and all(h is not None for h in heads)
         return self._fused_linear_ok
 
@@ -151,7 +220,7 @@ class SwitchKDTrainer(Trainer):
         with torch.no_grad():
             teacher_out = self.teacher(**kwargs)
         outputs = model(**kwargs)
-        student_head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        student_head = base_model(self.accelerator.unwrap_model(model)).get_output_embeddings().weight
         teacher_head = self.teacher.get_output_embeddings().weight
         h_s, h_t = outputs.hidden_states[-1], teacher_out.hidden_states[-1]
         if not self._checked_hidden:
@@ -161,6 +230,7 @@ class SwitchKDTrainer(Trainer):
                     raise ValueError(f"fused_linear_loss: the {name}'s last hidden state is not its LM head's "
                                      "input (a final projection or bias?); set fused_linear_loss=False")
             self._checked_hidden = True
+        student_head, teacher_head = (head[: self.vocab_size] for head in (student_head, teacher_head))
         loss = sequence_linear_kd_loss(h_s[:, :-1], student_head, h_t[:, :-1], teacher_head, shifted, **loss_args)
         return outputs, loss
 
@@ -172,13 +242,44 @@ class SwitchKDTrainer(Trainer):
         super().log(logs, start_time)
 
     # --------------------------------------------------------------------- checkpoint and resume
-    def _state_path(self, checkpoint_dir: str) -> str:
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint of
+        ``output_dir`` (see :mod:`.checkpoints`). Without it, an ``output_dir`` holding checkpoints of another
+        run is refused unless ``overwrite_output_dir`` (then those checkpoints are removed first)."""
+        output_dir = self.args.output_dir
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self.latest_checkpoint()
+        elif not resume_from_checkpoint and self.args.should_save:
+            check_output_dir(output_dir, resume=False, overwrite=self.args.overwrite_output_dir, any_file=False)
+            for folder in remove_previous_checkpoints(output_dir) if self.args.overwrite_output_dir else ():
+                logger.warning("overwrite_output_dir: removed %s of an earlier run", folder)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def latest_checkpoint(self) -> str:
+        """The newest complete checkpoint of ``output_dir`` (incomplete ones skipped, with a warning)."""
+        found, skipped = latest_complete(self.args.output_dir)
+        for folder in skipped:
+            logger.warning("skipping %s: incomplete (interrupted during its save?)", folder)
+        if found is None:
+            raise ValueError(f"no complete checkpoint in {self.args.output_dir!r} to resume from")
+        logger.warning("resuming from %s", found)
+        return str(found)
+
+    def _state_path(self, checkpoint_dir) -> str:
         return os.path.join(checkpoint_dir, STATE_FILE.format(rank=self.args.process_index))
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        """The Trainer's checkpoint plus the replay buffer, then the completeness marker, written last once
+        every process has saved."""
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            clear_marker(checkpoint)
+        os.makedirs(checkpoint, exist_ok=True)
         torch.save({"replay": self.replay}, self._state_path(checkpoint))
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_complete(checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
