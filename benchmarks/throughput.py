@@ -25,7 +25,8 @@ from harness import copy_bandwidth_gbps, device_name, print_table, write_results
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # section name -> module with ``run(section, ctx) -> rows``
-SECTIONS = {"switch_step": "ops_bench", "kd_loss": "ops_bench", "linear_kd": "linear_kd_bench", "decode": "decode"}
+SECTIONS = {"switch_step": "ops_bench", "kd_loss": "ops_bench", "linear_kd": "linear_kd_bench", "decode": "decode",
+            "train": "train_bench"}
 
 
 @dataclass
