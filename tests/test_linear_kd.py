@@ -61,13 +61,12 @@ def upstream_for(reduction, rows):
     return (torch.rand(shape, dtype=torch.float64) + 0.5).to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("reference", torch.float32),
+                                            ("triton", torch.float32)], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("kind, params", KINDS, ids=str)
-def test_matches_float64_kd_loss_on_full_logits(kind, params, reduction, bias, dtype, backend):
-    if dtype == torch.float64 and backend == "triton":
-        pytest.skip("float64 runs the reference")
+def test_matches_float64_kd_loss_on_full_logits(kind, params, reduction, bias, backend, dtype):
     student, teacher, labels = inputs(bias=bias, dtype=torch.float64)
     upstream = upstream_for(reduction, labels.shape[0])
     loss_args = {"kind": kind, "temperature": 1.4, **params}
@@ -176,3 +175,13 @@ def test_leading_dims_none_shape_and_errors():
                 "labels": labels, **kwargs}
         with pytest.raises(error, match=match):
             fused_linear_kd_loss(**args)
+
+
+def test_no_grad_mode_computes_the_loss_only():
+    (hs, ws, bs), (ht, wt, bt), labels = inputs(rows=11, vocab=53)
+    hs.requires_grad_(), ws.requires_grad_()
+    want = fused_linear_kd_loss(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt)
+    with torch.no_grad():
+        got = fused_linear_kd_loss(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want.detach())

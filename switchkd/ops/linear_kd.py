@@ -47,9 +47,9 @@ def default_chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, device: torc
 @functools.cache
 def _cuda_fp32_addmm(device: torch.device) -> bool:
     """Whether this torch's CUDA ``addmm(out_dtype=float32)`` takes a float32 accumulator with bf16 operands."""
-    one = torch.ones(1, 1, device=device, dtype=torch.bfloat16)
+    one, acc = torch.ones(1, 1, device=device, dtype=torch.bfloat16), torch.zeros(1, 1, device=device)
     try:
-        torch.addmm(torch.zeros(1, 1, device=device), one, one, out_dtype=torch.float32)
+        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
     except RuntimeError:
         return False
     return True
@@ -146,7 +146,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
         if opts["reduction"] == "none":
             ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels)
             return _chunked(student, teacher, labels, (False,) * 3, None, opts)[0]
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        needs = tuple(opts["grad_enabled"] and need for need in ctx.needs_input_grad[:3])  # none under no_grad
         rows, *ctx.grads = _chunked(student, teacher, labels, needs, None, opts)
         if opts["reduction"] == "sum":
             ctx.scale = torch.ones((), device=rows.device, dtype=rows.dtype)
@@ -239,6 +239,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     lead_shape = student_hidden.shape[:-1]
     labels = None if labels is None else labels.reshape(-1).to(torch.int64)
     opts = {"reduction": reduction, "chunk_rows": chunk_rows, "ignore_index": ignore_index,
+            "grad_enabled": torch.is_grad_enabled(),
             "backend": resolve_backend(student_hidden, backend),
             "loss_args": {"kind": canonical_kind(kind, beta), "alpha": alpha, "beta": beta,
                           "temperature": float(temperature), "ignore_index": ignore_index}}
