@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -17,32 +19,38 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
+@pytest.fixture(params=[False, True], ids=["eager", "static"])
+def generate(request):
+    """switch_generate on one step path: eager, or static shapes (CUDA graphs; on CPU without capture)."""
+    return functools.partial(switch_generate, cuda_graphs=request.param)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def models(request):
     return pair(request.param)
 
 
-def test_never_at_temperature_zero_is_the_student_greedy_generate(models):
+def test_never_at_temperature_zero_is_the_student_greedy_generate(models, generate):
     teacher, student = models
-    out = switch_generate(teacher, student, PROMPTS, policy=SwitchPolicy("never"), temperature=0.0, max_new_tokens=10)
+    out = generate(teacher, student, PROMPTS, policy=SwitchPolicy("never"), temperature=0.0, max_new_tokens=10)
     assert out.responses == [hf_greedy(student, p, 10) for p in PROMPTS]
     assert not out.from_teacher.any()
 
 
-def test_always_at_temperature_zero_is_the_teacher_greedy_generate(models):
+def test_always_at_temperature_zero_is_the_teacher_greedy_generate(models, generate):
     teacher, student = models
-    out = switch_generate(teacher, student, PROMPTS, policy=SwitchPolicy("always"), temperature=0.0, max_new_tokens=10,
+    out = generate(teacher, student, PROMPTS, policy=SwitchPolicy("always"), temperature=0.0, max_new_tokens=10,
                           draft_len=3)
     assert out.responses == [hf_greedy(teacher, p, 10) for p in PROMPTS]
     assert out.teacher_share == 1.0
 
 
-def test_drafting_returns_the_stepwise_tokens(models):
+def test_drafting_returns_the_stepwise_tokens(models, generate):
     teacher, student = models
-    stepwise = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=24, draft_len=1, seed=5)
+    stepwise = generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=24, draft_len=1, seed=5)
     assert 0.0 < stepwise.teacher_share < 1.0, "the test pair should exercise both kinds of token"
     for adaptive in (False, True):
-        drafted = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=24, draft_len=4, seed=5,
+        drafted = generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=24, draft_len=4, seed=5,
                                   adaptive_draft=adaptive)
         assert drafted.responses == stepwise.responses
         assert torch.equal(drafted.from_teacher, stepwise.from_teacher)
@@ -61,37 +69,37 @@ def test_accept_keeps_tokens_up_to_the_first_switch_eos_or_budget():
     assert keep.tolist() == [2, 4, 2, 0, 4, 1] and finished.tolist() == [False, False, True, False, True, False]
 
 
-def test_topk_policy_drafts_like_stepwise():
+def test_topk_policy_drafts_like_stepwise(generate):
     teacher, student = pair("gpt2")
     policy = SwitchPolicy("topk", top_k=3)
-    a = switch_generate(teacher, student, PROMPTS, policy=policy, max_new_tokens=16, draft_len=1, seed=2)
-    b = switch_generate(teacher, student, PROMPTS, policy=policy, max_new_tokens=16, draft_len=5, seed=2,
+    a = generate(teacher, student, PROMPTS, policy=policy, max_new_tokens=16, draft_len=1, seed=2)
+    b = generate(teacher, student, PROMPTS, policy=policy, max_new_tokens=16, draft_len=5, seed=2,
                         adaptive_draft=False)
     assert a.responses == b.responses
 
 
-def test_ragged_batch_equals_each_prompt_alone():
+def test_ragged_batch_equals_each_prompt_alone(generate):
     teacher, student = pair("llama")
-    batch = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=12, seed=9)
+    batch = generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=12, seed=9)
     for i, prompt in enumerate(PROMPTS):
-        alone = switch_generate(teacher, student, [prompt], policy=MIXED, max_new_tokens=12, seed=9, row_keys=[i])
+        alone = generate(teacher, student, [prompt], policy=MIXED, max_new_tokens=12, seed=9, row_keys=[i])
         assert alone.responses[0] == batch.responses[i]
 
 
-def test_padded_input_ids_and_lists_agree():
+def test_padded_input_ids_and_lists_agree(generate):
     teacher, student = pair("gpt2")
     input_ids = torch.tensor([[0, 0, 5, 6, 7, 8], [0, 0, 0, 0, 0, 9], [0, 10, 11, 12, 13, 14]])
     mask = (torch.arange(6) >= torch.tensor([[2], [5], [1]])).long()
-    a = switch_generate(teacher, student, input_ids, mask, policy=MIXED, max_new_tokens=8)
-    b = switch_generate(teacher, student, [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14]], policy=MIXED, max_new_tokens=8)
+    a = generate(teacher, student, input_ids, mask, policy=MIXED, max_new_tokens=8)
+    b = generate(teacher, student, [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14]], policy=MIXED, max_new_tokens=8)
     assert a.responses == b.responses and torch.equal(a.sequences, b.sequences)
 
 
-def test_eos_and_max_new_tokens_stop_each_sequence():
+def test_eos_and_max_new_tokens_stop_each_sequence(generate):
     teacher, student = pair("gpt2")
-    free = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=20, seed=4)
+    free = generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=20, seed=4)
     eos = free.responses[0][3]
-    out = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=20, seed=4, eos_token_id=eos)
+    out = generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=20, seed=4, eos_token_id=eos)
     for row, response in enumerate(out.responses):
         full = free.responses[row]
         stop = full.index(eos) + 1 if eos in full else len(full)
@@ -100,7 +108,7 @@ def test_eos_and_max_new_tokens_stop_each_sequence():
         assert torch.isnan(out.divergence[row, stop:]).all() and not out.from_teacher[row, stop:].any()
     assert out.sequences.shape[1] == max(len(p) + len(r) for p, r in zip(PROMPTS, out.responses, strict=True))
     second = free.responses[1][2]
-    both = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=20, seed=4,
+    both = generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=20, seed=4,
                            eos_token_id=[eos, second])
     for row, response in enumerate(both.responses):
         full = free.responses[row]
@@ -108,9 +116,9 @@ def test_eos_and_max_new_tokens_stop_each_sequence():
         assert response == full[:stop]
 
 
-def test_pools_are_reused_and_every_block_comes_back():
+def test_pools_are_reused_and_every_block_comes_back(generate):
     teacher, student = pair("qwen2")
-    gen = SwitchGenerator(teacher, student, block_size=4, num_blocks=64)
+    gen = SwitchGenerator(teacher, student, block_size=4, num_blocks=64, **generate.keywords)
     first = gen.generate(PROMPTS, policy=MIXED, max_new_tokens=10, seed=1)
     pools = [id(c) for c in gen.caches]
     second = gen.generate(PROMPTS, policy=MIXED, max_new_tokens=10, seed=1)
@@ -118,19 +126,19 @@ def test_pools_are_reused_and_every_block_comes_back():
     assert all(c.manager.num_used_blocks == 0 and c.manager.num_sequences == 0 for c in gen.caches)
 
 
-def test_small_pool_runs_sub_batches_with_the_same_tokens():
+def test_small_pool_runs_sub_batches_with_the_same_tokens(generate):
     teacher, student = pair("gpt2")
-    roomy = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=10, seed=3)
-    tight = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=10, seed=3, block_size=4,
+    roomy = generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=10, seed=3)
+    tight = generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=10, seed=3, block_size=4,
                             num_blocks=6)
     assert tight.responses == roomy.responses
     with pytest.raises(ValueError, match="needs 6 KV blocks"):
-        switch_generate(teacher, student, PROMPTS, max_new_tokens=10, block_size=4, num_blocks=5)
+        generate(teacher, student, PROMPTS, max_new_tokens=10, block_size=4, num_blocks=5)
 
 
-def test_blocks_come_back_after_an_exception_mid_generation():
+def test_blocks_come_back_after_an_exception_mid_generation(generate):
     teacher, student = pair("gpt2")
-    gen = SwitchGenerator(teacher, student, block_size=4, num_blocks=64)
+    gen = SwitchGenerator(teacher, student, block_size=4, num_blocks=64, **generate.keywords)
     calls = {"n": 0}
     forward = teacher.forward
 
@@ -168,11 +176,11 @@ def test_blocks_come_back_after_an_exception_mid_generation():
         ({"row_keys": [0, 1], "max_new_tokens": 4}, ValueError, "row_keys"),
     ],
 )
-def test_bad_requests_raise(kwargs, error, match):
+def test_bad_requests_raise(kwargs, error, match, generate):
     teacher, student = pair("gpt2")
     kwargs = {"prompts": PROMPTS, **kwargs}
     with pytest.raises(error, match=match):
-        switch_generate(teacher, student, **kwargs)
+        generate(teacher, student, **kwargs)
 
 
 def test_vocabulary_mismatch_raises():
@@ -183,14 +191,14 @@ def test_vocabulary_mismatch_raises():
         SwitchGenerator(teacher, student)
 
 
-def test_triton_switch_step_inside_generation():
+def test_triton_switch_step_inside_generation(generate):
     """float32 models: the fused step runs the Triton kernel (interpreter on CPU) inside decoding."""
     teacher, student = pair("llama", dtype=torch.float32)
-    greedy = switch_generate(teacher, student, PROMPTS, policy=SwitchPolicy("never"), temperature=0.0,
+    greedy = generate(teacher, student, PROMPTS, policy=SwitchPolicy("never"), temperature=0.0,
                              max_new_tokens=8)
     assert greedy.responses == [hf_greedy(student, p, 8) for p in PROMPTS]
-    stepwise = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=12, draft_len=1, seed=7)
-    drafted = switch_generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=12, draft_len=3, seed=7,
+    stepwise = generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=12, draft_len=1, seed=7)
+    drafted = generate(teacher, student, PROMPTS, policy=MIXED, max_new_tokens=12, draft_len=3, seed=7,
                               adaptive_draft=False)
     assert 0.0 < stepwise.teacher_share < 1.0
     assert drafted.responses == stepwise.responses
