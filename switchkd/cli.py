@@ -1,91 +1,256 @@
-"""``switchkd`` command line: distill | generate | eval | bench."""
+"""``switchkd`` command line: distill | generate | eval | bench.
+
+The options are generated from dataclasses with ``HfArgumentParser`` (one source of every default and
+help text): ``distill`` takes :class:`DistillArguments` (models, data, resume, LoRA) and every field of
+``SwitchKDConfig`` (the distillation options and all of ``TrainingArguments``); ``generate`` and ``eval``
+take :class:`GenerateArguments` / :class:`EvalArguments`. ``bench`` hands its options to
+``benchmarks/throughput.py``. Bad input is answered by one line naming the flag, before any work is done.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
+import re
 import runpy
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from .ops.spec import DEFAULT_DECAY, DEFAULT_TAU0, DEFAULT_TOP_K, LOSS_KINDS, POLICY_KINDS
+from typing import Literal
 
 
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one line."""
 
 
-def _load(model_dir: str, what: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{what} directory {model_dir!r} has no config.json (a saved Hugging Face model is needed)")
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+def _help(text: str, **more) -> dict:
+    return {"help": text, **more}
 
 
-def _dataset(path, tokenizer, args):
-    from .training.data import DistillDataset
+@dataclass(kw_only=True)
+class DataLimits:
+    max_prompt_tokens: int = field(default=256, metadata=_help("drop rows with longer prompts (tokens)"))
+    max_length: int = field(default=512, metadata=_help("drop rows with longer prompt + response (tokens)"))
 
-    return DistillDataset(path, tokenizer, max_prompt_tokens=args.max_prompt_tokens, max_length=args.max_length)
+    def __post_init__(self):
+        for name in ("max_prompt_tokens", "max_length"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
 
 
-def _require_file(path: str, what: str):
+@dataclass(kw_only=True)
+class DistillArguments(DataLimits):
+    """What ``distill`` needs besides the config: models, data, resume and LoRA."""
+
+    teacher: str = field(metadata=_help("teacher: a Hugging Face model directory or model id"))
+    student: str = field(metadata=_help("student: a model directory or id (its tokenizer is used)"))
+    train: str = field(metadata=_help("training JSONL: {prompt, response}, Dolly or {messages} (chat) rows"))
+    eval_file: str | None = field(default=None, metadata=_help(
+        "JSONL scored by the KD loss on its responses during training (eval_loss; --eval-strategy steps "
+        "unless set)"))
+    resume: str | None = field(default=None, metadata=_help(
+        "a checkpoint directory, or 'latest': the newest complete checkpoint of --output-dir"))
+    use_peft: bool = field(default=False, metadata=_help(
+        "train LoRA adapters (needs peft) instead of the whole student; only the adapters are saved"))
+    lora_r: int = field(default=16, metadata=_help("LoRA rank"))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha (scale = alpha / r)"))
+    lora_dropout: float = field(default=0.05, metadata=_help("LoRA dropout"))
+    lora_target_modules: list[str] | None = field(default=None, metadata=_help(
+        "module names that get adapters (default: every linear layer but the LM head)"))
+
+
+@dataclass(kw_only=True)
+class SamplingArguments:
+    model: str = field(metadata=_help("a model directory or id (a LoRA output folder works too)"))
+    out: str | None = field(default=None, metadata=_help("write the results here (its folder must exist)"))
+    batch_size: int = field(default=8, metadata=_help("prompts per generate call"))
+    max_new_tokens: int = field(default=128, metadata=_help("tokens generated per prompt"))
+    temperature: float = field(default=0.0, metadata=_help("sampling temperature (0 = greedy)"))
+    seed: int = field(default=0, metadata=_help("random seed of the sampling"))
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.out is not None:
+            _check_writable(self.out, "--out")
+
+
+@dataclass(kw_only=True)
+class GenerateArguments(SamplingArguments):
+    prompt: str | None = field(default=None, metadata=_help("one prompt"))
+    data: str | None = field(default=None, metadata=_help("JSONL of prompts (rows as for distill)"))
+    prompt_format: Literal["auto", "raw", "instruction", "chat"] = field(default="auto", metadata=_help(
+        "how --prompt is wrapped: auto = as the model was distilled (raw when unknown), raw text, Dolly's "
+        "instruction template, or one chat user turn (the tokenizer's chat template)"))
+
+    def __post_init__(self):
+        if (self.prompt is None) == (self.data is None):
+            raise UsageError("give exactly one of --prompt and --data")
+        if self.prompt is not None and not self.prompt.strip():
+            raise UsageError("--prompt is empty")
+        if self.data is not None:
+            _require_file(self.data, "--data")
+        super().__post_init__()
+
+
+@dataclass(kw_only=True)
+class EvalArguments(SamplingArguments, DataLimits):
+    data: str = field(metadata=_help("test JSONL (rows as for distill)"))
+
+    def __post_init__(self):
+        _require_file(self.data, "--data")
+        SamplingArguments.__post_init__(self)
+        DataLimits.__post_init__(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _flags_named(message: str, names) -> str:
+    """An error message with the field names a user never typed (``max_new_tokens``) as flags."""
+    for name in sorted((n for n in names if "_" in n or n in ("tau0", "decay", "lmbda")), key=len, reverse=True):
+        message = re.sub(rf"(?<![\w\-]){re.escape(name)}(?![\w])", _flag(name), message)
+    return message
+
+
+def _require_file(path: str, flag: str):
     if not Path(path).is_file():
-        raise UsageError(f"no such {what} file: {path}")
+        raise UsageError(f"{flag}: no such file: {path}")
 
 
-def cmd_distill(args):
-    from .decoding.generator import _vocab_size
-    from .training import SwitchKDConfig, SwitchKDTrainer
+def _check_writable(path: str, flag: str):
+    """Fail before any work (and create nothing) when ``path`` cannot be written."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise UsageError(f"{flag} {path} is a directory")
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: no such directory {folder}")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{flag} {path} is not writable")
 
-    _require_file(args.train, "training data")
-    teacher, _ = _load(args.teacher, "teacher")
-    student, tokenizer = _load(args.student, "student")
-    if _vocab_size(teacher) != _vocab_size(student):
-        raise UsageError(f"teacher and student vocabularies differ ({_vocab_size(teacher)} vs "
-                         f"{_vocab_size(student)} tokens): they must share a tokenizer")
-    dataset = _dataset(args.train, tokenizer, args)
-    config = SwitchKDConfig(
-        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.learning_rate, seed=args.seed,
-        logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=2, report_to=args.report_to,
-        use_cpu=args.cpu, source=args.source, loss_kind=args.loss, kd_alpha=args.alpha, kd_beta=args.beta,
-        kd_temperature=args.kd_temperature, ce_weight=args.ce_weight, policy=args.policy, tau0=args.tau0,
-        decay=args.decay, top_k=args.top_k, max_new_tokens=args.max_new_tokens, gen_temperature=args.temperature,
-        draft_len=args.draft_len, fused_linear_loss=args.fused_linear_loss,
-    )
-    trainer = SwitchKDTrainer(model=student, teacher=teacher, args=config, train_dataset=dataset,
-                              processing_class=tokenizer)
-    resume = args.resume if args.resume != "latest" else True
+
+def _loaded(loader, name: str, flag: str, what: str, *args):
+    """``loader(name, *args)``, its failure as one line naming the flag."""
+    try:
+        return loader(name, *args)
+    except (OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"{flag} {name}: cannot load its {what} ({reason})") from None
+
+
+def _model(name: str, flag: str, init_kwargs=None):
+    from .training.models import load_model
+
+    return _loaded(lambda n: load_model(n, init_kwargs, name=flag.lstrip("-")), name, flag, "model")
+
+
+def _tokenizer(name: str, flag: str):
+    from .training.models import load_tokenizer
+
+    return _loaded(load_tokenizer, name, flag, "tokenizer")
+
+
+# ------------------------------------------------------------------------------------------ distill
+def _resume_from(script: DistillArguments, output_dir: str) -> str | None:
+    """The checkpoint to resume from: 'latest' = the newest complete one of ``output_dir`` (said which)."""
+    from .training.checkpoints import latest_complete
+
+    if script.resume is None:
+        return None
+    if script.resume != "latest":
+        if not Path(script.resume).is_dir():
+            raise UsageError(f"--resume {script.resume}: no such checkpoint directory")
+        return script.resume
+    found, skipped = latest_complete(output_dir)
+    if found is None:
+        raise UsageError(f"--resume latest: no complete checkpoint in {output_dir}")
+    note = f" (skipped incomplete {', '.join(p.name for p in skipped)})" if skipped else ""
+    print(f"switchkd: resuming from {found}{note}")
+    return str(found)
+
+
+def _distill_data(script: DistillArguments, tokenizer):
+    from .training.data import DistillDataset, read_jsonl
+
+    _require_file(script.train, "--train")
+    if script.eval_file is not None:
+        _require_file(script.eval_file, "--eval-file")
+    limits = {"max_prompt_tokens": script.max_prompt_tokens, "max_length": script.max_length}
+    train = DistillDataset(read_jsonl(script.train), tokenizer, **limits)
+    evaluation = DistillDataset(read_jsonl(script.eval_file), tokenizer, **limits) if script.eval_file else None
+    return train, evaluation
+
+
+def cmd_distill(script: DistillArguments, config):
+    from .training import SwitchKDTrainer
+    from .training.checkpoints import check_output_dir
+    from .training.data import save_prompt_format
+    from .training.models import check_vocabularies, lora_config
+
+    if Path(config.output_dir).is_file():
+        raise UsageError(f"--output-dir {config.output_dir} is a file")
+    check_output_dir(config.output_dir, resume=script.resume is not None, overwrite=config.overwrite_output_dir)
+    resume = _resume_from(script, config.output_dir)
+    tokenizer = _tokenizer(script.student, "--student")
+    check_vocabularies(_tokenizer(script.teacher, "--teacher"), tokenizer)
+    train, evaluation = _distill_data(script, tokenizer)
+    peft_config = (lora_config(script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules)
+                   if script.use_peft else None)
+    teacher = _model(script.teacher, "--teacher", config.teacher_model_init_kwargs)
+    student = _model(script.student, "--student", config.model_init_kwargs)
+    trainer = SwitchKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=train,
+                              eval_dataset=evaluation, processing_class=tokenizer, peft_config=peft_config)
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output_dir)
+    trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(args.output_dir)
-        print(f"saved the distilled student to {args.output_dir}")
+        tokenizer.save_pretrained(config.output_dir)
+        save_prompt_format(config.output_dir, train.prompt_format)
+        print(f"saved the distilled student{' (LoRA adapters)' if script.use_peft else ''} to {config.output_dir}")
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
 
 
-def cmd_generate(args):
+def _config(values: dict):
+    """``SwitchKDConfig`` from the parsed flags (``--eval-file`` turns step evaluation on unless set)."""
+    from .training import SwitchKDConfig
+
+    if values.get("output_dir") is None:
+        raise UsageError("--output-dir is required")
+    return SwitchKDConfig(**values)
+
+
+# ------------------------------------------------------------------------------------- generate, eval
+def _prompts(args: GenerateArguments, tokenizer) -> list[str]:
+    from .training.data import as_example, prompt_text, read_jsonl, saved_prompt_format
+
+    if args.prompt is not None:
+        fmt = saved_prompt_format(args.model) if args.prompt_format == "auto" else args.prompt_format
+        examples = [as_example(args.prompt, fmt)]
+    else:
+        examples = read_jsonl(args.data)
+    return [prompt_text(e.prompt, tokenizer) for e in examples]
+
+
+def cmd_generate(args: GenerateArguments):
     from .training.evaluate import generate_responses
 
-    model, tokenizer = _load(args.model, "model")
-    if args.prompt is not None:
-        prompts = [args.prompt]
-    else:
-        _require_file(args.data, "prompt data")
-        from .training.data import read_jsonl
-
-        prompts = [p for p, _ in read_jsonl(args.data)]
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    model, tokenizer = _model(args.model, "--model"), _tokenizer(args.model, "--model")
+    texts = _prompts(args, tokenizer)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if not all(ids):
+        raise UsageError(f"{'--prompt' if args.prompt is not None else '--data'}: a prompt gives no tokens")
     responses = generate_responses(model, tokenizer, ids, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    rows = [{"prompt": p, "response": t} for p, t in zip(prompts, texts, strict=True)]
+    outputs = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    rows = [{"prompt": p, "response": r} for p, r in zip(texts, outputs, strict=True)]
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {len(rows)} responses to {args.out}")
@@ -94,107 +259,102 @@ def cmd_generate(args):
             print(row["response"])
 
 
-def cmd_eval(args):
-    from .training.evaluate import evaluate, format_table, write_report
+def cmd_eval(args: EvalArguments):
+    from .training.data import DistillDataset, read_jsonl, saved_prompt_format
+    from .training.evaluate import DEFAULT_BUCKETS, evaluate, format_table, write_report
 
-    _require_file(args.data, "test data")
-    model, tokenizer = _load(args.model, "model")
-    dataset = _dataset(args.data, tokenizer, args)
+    examples = read_jsonl(args.data)
+    model, tokenizer = _model(args.model, "--model"), _tokenizer(args.model, "--model")
+    dataset = DistillDataset(examples, tokenizer, max_prompt_tokens=args.max_prompt_tokens,
+                             max_length=args.max_length)
     report = evaluate(model, tokenizer, dataset, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      batch_size=args.batch_size)
-    report["model"], report["data"] = args.model, args.data
+                      batch_size=args.batch_size, seed=args.seed)
+    report["settings"] = {**dataclasses.asdict(args), "buckets": list(DEFAULT_BUCKETS), "rows": len(examples),
+                          "dropped_rows": dataset.dropped, "prompt_format": dataset.prompt_format,
+                          "distilled_with_prompt_format": saved_prompt_format(args.model), "argv": sys.argv[1:]}
     print(format_table(report))
     if args.out:
         write_report(report, args.out)
         print(f"wrote {args.out}")
 
 
-def cmd_bench(args):
+def cmd_bench(argv: list[str]):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
     if not script.is_file():
         raise UsageError("switchkd bench runs benchmarks/throughput.py from a source checkout; none found")
-    sys.argv = [str(script), *args.bench_args]
+    sys.argv = [str(script), *argv]
     runpy.run_path(str(script), run_name="__main__")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# -------------------------------------------------------------------------------------------- parser
+USAGE = {"distill": "switchkd distill --teacher T --student S --train FILE --output-dir DIR [options]",
+         "generate": "switchkd generate --model M (--prompt TEXT | --data FILE) [options]",
+         "eval": "switchkd eval --model M --data FILE [options]"}
+
+
+def _dataclass_types(command: str) -> list:
+    if command == "distill":
+        from .training import SwitchKDConfig
+
+        return [DistillArguments, SwitchKDConfig]
+    return [{"generate": GenerateArguments, "eval": EvalArguments}[command]]
+
+
+def build_parser(commands=("distill", "generate", "eval")) -> argparse.ArgumentParser:
+    """The ``switchkd`` parser; only the ``commands`` given get their (generated) options."""
+    from transformers import HfArgumentParser
+
     parser = argparse.ArgumentParser(prog="switchkd", description="Distil Hugging Face LMs with SWITCH.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def data_limits(p):
-        p.add_argument("--max-prompt-tokens", type=int, default=256, help="drop rows with longer prompts")
-        p.add_argument("--max-length", type=int, default=512, help="drop rows with longer prompt + response")
-
-    def sampling(p, max_new=128):
-        p.add_argument("--max-new-tokens", type=int, default=max_new, help="tokens generated per prompt")
-        p.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
-        p.add_argument("--seed", type=int, default=0, help="random seed")
-
-    d = sub.add_parser("distill", help="distil a student from a teacher on a JSONL file")
-    d.add_argument("--teacher", required=True, help="teacher model directory (Hugging Face format)")
-    d.add_argument("--student", required=True, help="student model directory (its tokenizer is used)")
-    d.add_argument("--train", required=True, help="training JSONL: {prompt, response} or Dolly rows")
-    d.add_argument("--output-dir", required=True, help="checkpoints and the final student go here")
-    d.add_argument("--source", default="switch", choices=["switch", "student", "teacher", "dataset", "adaptive"],
-                   help="where each step's responses come from")
-    d.add_argument("--loss", default="srkl", choices=LOSS_KINDS, help="KD loss kind")
-    d.add_argument("--alpha", type=float, default=0.1, help="skew of skl/srkl")
-    d.add_argument("--beta", type=float, default=0.5, help="jsd weight")
-    d.add_argument("--kd-temperature", type=float, default=1.0, help="temperature of the KD loss")
-    d.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight on dataset responses")
-    d.add_argument("--fused-linear-loss", action="store_true",
-                   help="KD loss from hidden states and LM heads, without full [N, V] logits (large vocabularies)")
-    d.add_argument("--policy", default="exp", choices=POLICY_KINDS, help="switch policy for --source switch")
-    d.add_argument("--tau0", type=float, default=DEFAULT_TAU0, help="initial JSD threshold (nats)")
-    d.add_argument("--decay", type=float, default=DEFAULT_DECAY, help="threshold decay per generated token")
-    d.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="k of the topk policy")
-    d.add_argument("--draft-len", type=int, default=4, help="most student tokens drafted per teacher forward")
-    d.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    d.add_argument("--batch-size", type=int, default=8, help="sequences per device per step")
-    d.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    d.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate")
-    d.add_argument("--logging-steps", type=int, default=10, help="log every N steps")
-    d.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps")
-    d.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'latest'")
-    d.add_argument("--report-to", nargs="*", default=[], help="Trainer integrations (tensorboard, wandb, ...)")
-    d.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    data_limits(d)
-    sampling(d)
-    d.set_defaults(func=cmd_distill)
-
-    g = sub.add_parser("generate", help="generate responses with one model")
-    g.add_argument("--model", required=True, help="model directory (Hugging Face format)")
-    source = g.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="one prompt")
-    source.add_argument("--data", help="JSONL file of prompts")
-    g.add_argument("--out", help="write {prompt, response} JSONL here instead of printing")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    sampling(g)
-    g.set_defaults(func=cmd_generate)
-
-    e = sub.add_parser("eval", help="ROUGE-L and exact match on a JSONL test set, by reference length")
-    e.add_argument("--model", required=True, help="model directory (Hugging Face format)")
-    e.add_argument("--data", required=True, help="test JSONL: {prompt, response} or Dolly rows")
-    e.add_argument("--out", help="write the JSON report here")
-    e.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    data_limits(e)
-    sampling(e)
-    e.set_defaults(func=cmd_eval)
-
-    b = sub.add_parser("bench", help="run benchmarks/throughput.py (source checkout); options pass through")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of benchmarks/throughput.py")
-    b.set_defaults(func=cmd_bench)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+    helps = {"distill": "distil a student from a teacher on a JSONL file",
+             "generate": "generate responses with one model",
+             "eval": "ROUGE-L and exact match on a JSONL test set, by reference length"}
+    for name, text in helps.items():
+        sub.add_parser(name, help=text, description=text, usage=USAGE[name],
+                       dataclass_types=_dataclass_types(name) if name in commands else [])
+    sub.add_parser("bench", help="run benchmarks/throughput.py (source checkout); its options pass through",
+                   add_help=False, dataclass_types=[])
     return parser
 
 
+def _split(values: dict, types: list) -> list:
+    """One instance per dataclass from the parsed flags (the last one takes what is left)."""
+    out = []
+    for cls in types[:-1]:
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        out.append(cls(**{n: values.pop(n) for n in names}))
+    return out + [values]
+
+
+def _run(command: str, values: dict):
+    types = _dataclass_types(command)
+    names = {f.name for cls in types for f in dataclasses.fields(cls)}
+    try:
+        if command == "distill":
+            script, values = _split(values, types)
+            script.resume = script.resume or values.pop("resume_from_checkpoint", None)  # the Trainer's name
+            if script.eval_file and values.get("eval_strategy") == "no":
+                values["eval_strategy"] = "steps"
+            cmd_distill(script, _config(values))
+        else:
+            cls = types[0]
+            args = cls(**values)
+            (cmd_generate if command == "generate" else cmd_eval)(args)
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        raise UsageError(_flags_named(str(err).strip().splitlines()[0], names)) from None
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "temperature", 0) is None:
-        args.temperature = 1.0 if args.command == "distill" else 0.0
+    argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="switchkd: %(message)s")
     try:
-        args.func(args)
-    except (UsageError, FileNotFoundError, ValueError, TypeError, OSError) as err:
+        if argv[:1] == ["bench"]:
+            cmd_bench(argv[1:])
+            return 0
+        command = next((a for a in argv if not a.startswith("-")), None)
+        args = vars(build_parser(commands=(command,)).parse_args(argv))
+        _run(args.pop("command"), args)
+    except UsageError as err:
         print(f"switchkd: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 from transformers import TrainingArguments
 
@@ -30,19 +31,22 @@ class SwitchKDConfig(TrainingArguments):
     ``gen_temperature`` (and ``kd_temperature``).
     """
 
-    source: str = field(default="switch", metadata={"help": f"sequence source, one of {SOURCES}"})
-    loss_kind: str = field(default="srkl", metadata={"help": f"KD loss, one of {LOSS_KINDS}"})
-    kd_alpha: float = field(default=0.1, metadata={"help": "skew of skl/srkl"})
-    kd_beta: float = field(default=0.5, metadata={"help": "weight of jsd (0 = fkl, 1 = rkl)"})
+    source: Literal[SOURCES] = field(default="switch", metadata={"help": "where each step's sequences come from"})
+    loss_kind: Literal[LOSS_KINDS] = field(default="srkl", metadata={"aliases": ["--loss"], "help": "KD loss kind"})
+    kd_alpha: float = field(default=0.1, metadata={"aliases": ["--alpha"], "help": "skew of skl/srkl"})
+    kd_beta: float = field(default=0.5, metadata={"aliases": ["--beta"], "help": "weight of jsd (0 = fkl, 1 = rkl)"})
     kd_temperature: float = field(default=1.0, metadata={"help": "temperature of the KD loss"})
     kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss (0 with ce_weight > 0 = SFT)"})
     ce_weight: float = field(default=0.0, metadata={"help": "weight of cross-entropy on dataset responses"})
-    policy: str = field(default="exp", metadata={"help": f"SwitchPolicy kind for source=switch, one of {POLICY_KINDS}"})
-    tau0: float = field(default=DEFAULT_TAU0, metadata={"help": "initial JSD threshold (nats)"})
+    policy: Literal[POLICY_KINDS] = field(default="exp", metadata={"help": "SwitchPolicy kind for source=switch"})
+    tau0: float = field(default=DEFAULT_TAU0, metadata={
+        "help": "initial JSD threshold in nats (JSD lies in [0, ln 2 = 0.693]): the teacher writes a token when the "
+                "JSD exceeds it; lower it for more teacher tokens (logged: gen_divergence, teacher_share)"})
     decay: float = field(default=DEFAULT_DECAY, metadata={"help": "threshold decay per generated token"})
     top_k: int = field(default=DEFAULT_TOP_K, metadata={"help": "k of the topk (SKD) policy"})
     max_new_tokens: int = field(default=128, metadata={"help": "generated tokens per sequence"})
-    gen_temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
+    gen_temperature: float = field(default=1.0, metadata={"aliases": ["--temperature"],
+                                                          "help": "sampling temperature (0 = greedy)"})
     draft_len: int = field(default=4, metadata={"help": "most student tokens drafted per teacher forward"})
     block_size: int = field(default=16, metadata={"help": "KV-cache block size of the generator"})
     adaptive_max_prob: float = field(default=0.5, metadata={"help": "adaptive: final P(student samples)"})

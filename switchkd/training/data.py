@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_WITH_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
 PROMPT_FORMATS = ("raw", "instruction", "chat")  # {prompt} rows, Dolly rows, {messages} rows
+PROMPT_FORMAT_FILE = "switchkd_prompt.json"  # saved beside a distilled model: the format it was trained on
 
 
 class Example(NamedTuple):
@@ -119,6 +120,19 @@ def data_format(examples) -> str:
     """The prompt format of a data set (what ``generate --prompt`` should use after training on it)."""
     kinds = {e.format for e in examples}
     return kinds.pop() if len(kinds) == 1 else "raw"
+
+
+def save_prompt_format(model_dir, prompt_format: str) -> None:
+    Path(model_dir, PROMPT_FORMAT_FILE).write_text(json.dumps({"prompt_format": prompt_format}) + "\n")
+
+
+def saved_prompt_format(model_dir) -> str:
+    """The prompt format a model directory was distilled with ("raw" when it was not recorded)."""
+    try:
+        value = json.loads(Path(model_dir, PROMPT_FORMAT_FILE).read_text())["prompt_format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "raw"
+    return value if value in PROMPT_FORMATS else "raw"
 
 
 class DistillDataset(torch.utils.data.Dataset):

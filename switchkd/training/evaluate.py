@@ -90,11 +90,11 @@ def score(predictions: list[str], references: list[list[str]], reference_lengths
 
 
 def evaluate(model, tokenizer, dataset, *, max_new_tokens: int = 128, temperature: float = 0.0, batch_size: int = 8,
-             buckets=DEFAULT_BUCKETS, progress: bool = True) -> dict:
+             buckets=DEFAULT_BUCKETS, seed: int = 0, progress: bool = True) -> dict:
     """Generate for every example of a :class:`switchkd.data.DistillDataset` and score against its responses."""
     prompts = [item["prompt_ids"] for item in dataset.items]
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   batch_size=batch_size, progress=progress)
+                                   batch_size=batch_size, seed=seed, progress=progress)
     predictions = tokenizer.batch_decode(responses, skip_special_tokens=True)
     lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in dataset.references]
     report = score(predictions, [[r] for r in dataset.references], lengths, buckets)

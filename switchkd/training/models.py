@@ -44,7 +44,8 @@ def load_model(model, init_kwargs: dict | None = None, *, name: str = "model"):
         return _peft().AutoPeftModelForCausalLM.from_pretrained(str(path), **_init_kwargs(init_kwargs))
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model), **_init_kwargs(init_kwargs))
+    where = str(path.resolve()) if path.exists() else str(model)  # absolute: a LoRA adapter records its base
+    return AutoModelForCausalLM.from_pretrained(where, **_init_kwargs(init_kwargs))
 
 
 def load_tokenizer(model):
