@@ -7,7 +7,7 @@ TORCH_CPU ?= torch==2.13.0
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_CPU)"
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
-	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PYTHON) -m pip install -q --no-deps -e .
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -1,10 +1,11 @@
 """Decode section of the throughput benchmark: SWITCH generation, tokens per second.
 
 Providers: ``hf_loop`` (the loop a user would write: both models stepped with ``DynamicCache``,
-JSD and sampling in PyTorch), ``switchkd`` stepwise (draft_len 1), drafts of 2/4/8, and the
-adaptive default. Random-weight model pairs; the threshold tau0 is calibrated on the pair (a
-quantile of the JSDs of a student-only run) so that about 50% (the paper's regime) or 20% of the
-tokens switch.
+JSD and sampling in PyTorch); ``switchkd`` eager steps: stepwise (draft_len 1), drafts of 2/4/8 and
+adaptive (up to 8); ``switchkd_graph``: the static-shape path, adaptive up to 8, its steps replayed
+from CUDA graphs (on CPU the same static-shape steps run without capture). Random-weight model
+pairs; the threshold tau0 is calibrated on the pair (a quantile of the JSDs of a student-only run)
+so that about 50% (the paper's regime) or 20% of the tokens switch.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def run_decode(device, dtype, pair_names, batches, prompt_len, max_new_tokens, v
             prompts = torch.randint(0, vocab, (batch, prompt_len), device=device)
             policy = calibrated_policy(teacher, student, prompts, max_new_tokens, share=share)
             tau0 = policy.tau0
-            generator = switchkd.SwitchGenerator(teacher, student, block_size=16)
+            generator = switchkd.SwitchGenerator(teacher, student, block_size=16, cuda_graphs=False)
             generator.generate(prompts, policy=policy, max_new_tokens=4)  # warm-up, sizes the pools
             tokens = batch * max_new_tokens
             base = {"section": "decode", "op": "switch_generate", "shape": f"{name} b{batch} p{prompt_len} "
@@ -121,10 +122,16 @@ def run_decode(device, dtype, pair_names, batches, prompt_len, max_new_tokens, v
             eager_tps = tokens / seconds
             rows.append({**base, "provider": "hf_loop", "ms": 1e3 * seconds, "tokens_per_s": eager_tps,
                          "teacher_share": share, "speedup_vs_eager": 1.0})
-            for label, draft_len, adaptive in [("switchkd_k1", 1, False), ("switchkd_k2", 2, False),
-                                               ("switchkd_k4", 4, False), ("switchkd_k8", 8, False),
-                                               ("switchkd_adaptive8", 8, True)]:
-                seconds, out = timed(device, generator.generate, prompts, policy=policy, max_new_tokens=max_new_tokens,
+            graphs = switchkd.SwitchGenerator(teacher, student, block_size=16, cuda_graphs=True)
+            request = {"policy": policy, "max_new_tokens": max_new_tokens, "draft_len": 8, "adaptive_draft": True}
+            graphs.generate(prompts, **(request if device == "cuda" else {**request, "max_new_tokens": 4}))  # capture
+            for label, gen, draft_len, adaptive in [("switchkd_k1", generator, 1, False),
+                                                    ("switchkd_k2", generator, 2, False),
+                                                    ("switchkd_k4", generator, 4, False),
+                                                    ("switchkd_k8", generator, 8, False),
+                                                    ("switchkd_adaptive8", generator, 8, True),
+                                                    ("switchkd_graph", graphs, 8, True)]:
+                seconds, out = timed(device, gen.generate, prompts, policy=policy, max_new_tokens=max_new_tokens,
                                      draft_len=draft_len, adaptive_draft=adaptive)
                 forwards = out.student_forwards + out.teacher_forwards
                 rows.append({**base, "provider": label, "ms": 1e3 * seconds, "tokens_per_s": tokens / seconds,

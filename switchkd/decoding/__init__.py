@@ -1,6 +1,6 @@
-"""The decoding layer: paged KV caches (C++ block manager), the `switchkd_paged` attention function and
-the SWITCH generator."""
+"""The decoding layer: paged KV caches (C++ block manager), the `switchkd_paged` attention function, the
+SWITCH generator (a ladder of small steps) and its static-shape, CUDA-graph path."""
 
-from .generator import SwitchGenerator, SwitchOutput, switch_generate
+from .generator import SwitchGenerator, SwitchOutput, output_vocab_size, switch_generate
 
-__all__ = ["SwitchGenerator", "SwitchOutput", "switch_generate"]
+__all__ = ["SwitchGenerator", "SwitchOutput", "output_vocab_size", "switch_generate"]

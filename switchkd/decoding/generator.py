@@ -142,7 +142,8 @@ def decode(decoder, pair: ModelPair, ids: list[int], prompts: list[list[int]],
             flags = decoder.block(state, ids, live, k, stats)
             stats.blocks += 1
             live = rollback(pair, state, ids, live, flags, stats)
-            lengths.record(k, sum(keep for keep, _ in flags), time.perf_counter() - start)
+            if not getattr(decoder, "warming", False):
+                lengths.record(k, sum(keep for keep, _ in flags), time.perf_counter() - start)
     finally:
         for cache in pair.caches:
             if cache.manager.num_sequences:

@@ -101,6 +101,7 @@ class StaticDecoder:
         self.workspaces: dict[tuple, Workspace] = {}
         self.request: Request | None = None
         self.ws: Workspace | None = None
+        self.warming = False  # the last block captured a graph (its time says nothing about the draft length)
 
     def start(self, request: Request):
         self.request = request
@@ -133,7 +134,7 @@ class StaticDecoder:
     def block(self, state: DecodeState, ids: list[int], active: list[int], k: int,
               stats: DecodeStats) -> list[list[int]]:
         """Stage the block's metadata, replay ``k`` student steps and one scoring step; one host sync."""
-        ws = self.ws
+        ws, self.warming = self.ws, False
         for meta in (ws.teacher, ws.student):
             meta.stage(ids, active, k)
         ws.feed.copy_(state.pending)
@@ -179,6 +180,7 @@ class StaticDecoder:
         if not self.capture:
             step()
             return
+        self.warming = True
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -1,15 +1,16 @@
 """Paged KV caches and the ``switchkd_paged`` attention function for Hugging Face models.
 
-One :class:`PagedKVCache` per model: a C++ ``BlockManager`` for the accounting and, per layer, two
-plain tensors ``[num_blocks, block_size, H_kv, D]`` (allocated on the layer's first call, in the
-model's dtype and device). A forward pass carries a :class:`PagedBatch` as the extra keyword
-``switchkd_paged``; the attention function writes the new keys/values through its slot mapping and
-attends over each sequence's blocks. Without that keyword it is plain SDPA, so a model can keep
-the implementation for training.
+One :class:`PagedKVCache` per model: a C++ ``BlockManager`` for the block tables and, per layer, two
+plain tensors ``[num_blocks + 1, block_size, H_kv, D]`` (allocated on the layer's first call, in the
+model's dtype and device; the extra block is scratch for padding rows). A forward pass carries a
+:class:`PagedBatch` as the extra keyword ``switchkd_paged``; the attention function writes the new
+keys/values through its slot mapping and attends over each sequence's blocks. Without that keyword
+it is plain SDPA, so a model can keep the implementation for training.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -141,7 +142,12 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 def _use_flash_attn(query, batch: PagedBatch) -> bool:
     """flash-attn's paged kernel: CUDA, fp16/bf16, blocks of a multiple of 256, no padded queries."""
     return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and batch.uniform
-            and batch.cache.block_size % 256 == 0 and importlib.util.find_spec("flash_attn") is not None)
+            and batch.cache.block_size % 256 == 0 and _has_flash_attn())
+
+
+@functools.cache
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)

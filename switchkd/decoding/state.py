@@ -122,8 +122,8 @@ def commit(state: DecodeState, rows: torch.Tensor, step: SwitchStep, k: int) -> 
     """Write the decided tokens of ``rows`` into ``state`` and advance the rows by the kept ones (in place,
     no host sync).
 
-    Returns ``[R, 2]`` int64: tokens kept and finished (0/1) per row, then a last row whose first
-    entry is 1 when a kept token's divergence is NaN (non-finite logits).
+    Returns ``[R + 1, 2]`` int64: (tokens kept, finished 0/1) per row, then a row whose first entry is 1
+    when a kept token's divergence is NaN (non-finite logits): the block's one host read.
     """
     tokens, switched, divergence = (x.view(-1, k) for x in (step.tokens, step.from_teacher, step.divergence))
     remaining = state.remaining[rows]
