@@ -17,3 +17,8 @@ bench: install
 
 lint: install
 	$(PYTHON) -m ruff check switchkd kernels benchmarks tests setup.py
+
+# On one CUDA GPU without internet (wheels/ may hold Liger-Kernel etc.): install, GPU tests, throughput.
+.PHONY: bench-gpu
+bench-gpu:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh

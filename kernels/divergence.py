@@ -22,27 +22,12 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
 
 
-def block_size(vocab: int) -> int:
-    """Vocabulary tile: the whole row when small, else 4096 columns."""
-    return min(4096, triton.next_power_of_2(max(vocab, 16)))
-
-
-def num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
-
-
 @triton.jit
-def _online_softmax(x2, m, z):
-    """Fold one tile of base-2 scores into the running max ``m`` and sum ``z = sum 2^(x2 - m)``."""
-    m_new = tl.maximum(m, tl.max(x2, 0))
-    z = z * tl.exp2(m - m_new) + tl.sum(tl.exp2(x2 - m_new), 0)
-    return m_new, z
-
-
-@triton.jit
-def _log_probs(x2, m, z):
-    """Natural log-probabilities and probabilities of a tile, given its row's base-2 stats."""
-    log2p = x2 - m - tl.log2(z)
+def _log_probs(x2, m, lz):
+    """Natural log-probabilities and probabilities of a tile of base-2 scores, given the row's base-2
+    statistics ``m`` (max) and ``lz = log2(sum 2^(x2 - m))``; one exp2 per logit. ``m`` and ``lz`` stay
+    apart: folding them into one float would round ``lz`` to the precision of ``m``."""
+    log2p = (x2 - m) - lz
     return log2p * LN2, tl.exp2(log2p)
 
 
@@ -102,38 +87,85 @@ def _jsd_terms(log_ps, ps, log_pt, pt):
 
 
 @triton.jit
-def _loss_tile(s, t, cols, mask, grad_row, scale2, inv_temp, m_s, z_s, m_t, z_t, alpha, beta, loss_acc, g_acc,
+def _tile_start(i, lo, n_tiles, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """First column of the ``i``-th tile of ``[lo, lo + n_tiles * BLOCK)``, last tile first when REVERSE
+    (a sweep that follows another in the opposite direction starts on what is still in L2)."""
+    if REVERSE:
+        return lo + (n_tiles - 1 - i) * BLOCK
+    return lo + i * BLOCK
+
+
+@triton.jit
+def _load2(s_row, t_row, cols, mask, scale2):
+    """Both models' base-2 scores of a tile (-inf outside ``mask``), in float32."""
+    s2 = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32) * scale2
+    t2 = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32) * scale2
+    return s2, t2
+
+
+@triton.jit
+def _loss_tile(s2, t2, cols, mask, grad_row, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, loss_acc, g_acc,
                KIND: tl.constexpr, HAS_GRAD: tl.constexpr):
     """One tile of the loss sweep: accumulate the loss terms and either store the fkl gradient
-    ``(p_S - p_T) / T`` or accumulate the centring term ``p_S * g``. Returns the tile's probabilities too."""
-    log_ps, ps = _log_probs(s * scale2, m_s, z_s)
-    log_pt, pt = _log_probs(t * scale2, m_t, z_t)
+    ``(p_S - p_T) * grad_scale`` (``1 / T`` times the reduction's weight) or accumulate the centring term
+    ``p_S * g``. Returns the tile's probabilities too."""
+    log_ps, ps = _log_probs(s2, m_s, lz_s)
+    log_pt, pt = _log_probs(t2, m_t, lz_t)
     terms, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
     loss_acc += tl.where(mask, terms, 0.0)
     if HAS_GRAD:
         if KIND == FKL:
-            tl.store(grad_row + cols, ((ps - pt) * inv_temp).to(grad_row.dtype.element_ty), mask=mask)
+            tl.store(grad_row + cols, ((ps - pt) * grad_scale).to(grad_row.dtype.element_ty), mask=mask)
         else:
             g_acc += tl.where(mask, ps * g, 0.0)
     return loss_acc, g_acc, log_ps, ps, log_pt, pt
 
 
 @triton.jit
-def _write_grad(
+def _loss_sweep(
+    s_row,  # [V] student logits of this row
+    t_row,  # [V] teacher logits of this row
+    grad_row,  # [V] output: fkl gradient (written only when HAS_GRAD and KIND == FKL)
+    lo, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta,
+    KIND: tl.constexpr, HAS_GRAD: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Loss terms and centring sum ``sum(p_S * g)`` over columns ``[lo, hi)``: two exp2 per logit pair,
+    plus one log for the mixture kinds."""
+    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    g_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    n_tiles = tl.cdiv(hi - lo, BLOCK)
+    for i in range(0, n_tiles):
+        cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
+        mask = cols < hi
+        s2, t2 = _load2(s_row, t_row, cols, mask, scale2)
+        loss_acc, g_acc, _, _, _, _ = _loss_tile(s2, t2, cols, mask, grad_row, grad_scale, m_s, lz_s, m_t, lz_t,
+                                                 alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD)
+    return tl.sum(loss_acc, 0), tl.sum(g_acc, 0)
+
+
+@triton.jit
+def _grad_sweep(
     s_row,  # [V] student logits of this row
     t_row,  # [V] teacher logits of this row
     grad_row,  # [V] output: d loss / d student logits
-    V, scale2, inv_temp, m_s, z_s, m_t, z_t, g_mean, alpha, beta,
+    lo, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, g_mean, alpha, beta,
     KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Final sweep for kinds whose gradient needs ``g_mean = sum(p_S * g)``: p_S (g - g_mean) / T."""
-    for start in range(0, V, BLOCK):
+    """Gradient sweep over ``[lo, hi)`` for kinds whose gradient needs ``g_mean = sum(p_S * g)``:
+    ``p_S (g - g_mean) * grad_scale`` (``1 / T`` times the reduction's weight)."""
+    for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < V
-        s2 = tl.load(s_row + cols, mask=mask, other=-float("inf"), eviction_policy="evict_first").to(tl.float32)
-        t2 = tl.load(t_row + cols, mask=mask, other=-float("inf"), eviction_policy="evict_first").to(tl.float32)
-        log_ps, ps = _log_probs(s2 * scale2, m_s, z_s)
-        log_pt, pt = _log_probs(t2 * scale2, m_t, z_t)
+        mask = cols < hi
+        s2, t2 = _load2(s_row, t_row, cols, mask, scale2)
+        log_ps, ps = _log_probs(s2, m_s, lz_s)
+        log_pt, pt = _log_probs(t2, m_t, lz_t)
         _, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
-        grad = ps * (g - g_mean) * inv_temp
-        tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=mask)
+        tl.store(grad_row + cols, (ps * (g - g_mean) * grad_scale).to(grad_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _zero_sweep(grad_row, lo, hi, BLOCK: tl.constexpr):
+    """Zero gradient over ``[lo, hi)`` (ignored rows)."""
+    for start in range(lo, hi, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        tl.store(grad_row + cols, tl.zeros([BLOCK], dtype=grad_row.dtype.element_ty), mask=cols < hi)

@@ -1,66 +1,109 @@
-"""Fused token-level distillation loss: forward and gradient in one kernel per row block."""
+"""Fused token-level distillation loss: forward and gradient, per row or over vocabulary splits.
+
+Many rows (training, ``N >= 2 x SMs``): ``_kd_loss_kernel``, one program per row, three sweeps of the
+row (statistics; loss and centring sum, run backwards so that it starts on what is still in L2;
+gradient). Few rows: ``_stats_kernel`` → ``_kd_loss_split_kernel`` → ``_grad_kernel`` over a
+``(rows, splits)`` grid (``switchkd.kernels.split``). fkl needs no centring sum and skips the third sweep.
+"""
 
 import triton
 import triton.language as tl
 
-from .divergence import FKL, LOG2E, NEG_BIG, _loss_tile, _online_softmax, _write_grad
+from .divergence import FKL, LOG2E, _grad_sweep, _loss_sweep, _zero_sweep
+from .split import NO_SAMPLE, SUMS, _combine_stats, _row_stats, autotuned
 
 
+@autotuned(key=["V", "KIND"])
 @triton.jit
 def _kd_loss_kernel(
     s_ptr,  # [N, V] student logits
     t_ptr,  # [N, V] teacher logits
     labels_ptr,  # [N] int64 labels (read only when HAS_LABELS)
-    loss_ptr,  # [N] float32 output: per-row loss (0 on ignored rows)
-    grad_ptr,  # [N, V] output: d loss_row / d student logits (written only when HAS_GRAD)
-    s_stride, t_stride, grad_stride,
-    V, inv_temp, alpha, beta, ignore_index,
-    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    weight_ptr,  # [] float32 gradient scale, e.g. 1 / kept rows (read only when HAS_WEIGHT)
+    loss_ptr,  # [N] float32 output: per-row loss (0 on ignored rows, NaN on non-finite rows)
+    grad_ptr,  # [N, V] output: weight * d loss_row / d student logits (written only when HAS_GRAD)
+    s_stride, t_stride, grad_stride, V, chunk, inv_temp, alpha, beta, ignore_index,
+    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
     grad_row = grad_ptr + row * grad_stride
     scale2 = inv_temp * LOG2E
-
     keep = True
     if HAS_LABELS:
         keep = tl.load(labels_ptr + row) != ignore_index
     if keep:
-        # Sweep 1: running max and sum of both rows (keeps them in L2 for the next sweep).
-        m_s = NEG_BIG
-        z_s = 0.0
-        m_t = NEG_BIG
-        z_t = 0.0
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < V
-            s2 = tl.load(s_row + cols, mask=mask, other=-float("inf"), eviction_policy="evict_last")
-            t2 = tl.load(t_row + cols, mask=mask, other=-float("inf"), eviction_policy="evict_last")
-            m_s, z_s = _online_softmax(s2.to(tl.float32) * scale2, m_s, z_s)
-            m_t, z_t = _online_softmax(t2.to(tl.float32) * scale2, m_t, z_t)
-
-        # Sweep 2: the loss, plus the fkl gradient or the centring term of the others.
-        loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        g_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < V
-            s2 = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
-            t2 = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
-            loss_acc, g_acc, _, _, _, _ = _loss_tile(s2, t2, cols, mask, grad_row, scale2, inv_temp, m_s, z_s, m_t,
-                                                     z_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD)
+        m_s, z_s, _, _ = _row_stats(s_row, 0, V, scale2, 0, NO_SAMPLE, BLOCK)
+        m_t, z_t, _, _ = _row_stats(t_row, 0, V, scale2, 0, NO_SAMPLE, BLOCK)
+        lz_s = tl.log2(z_s)
+        lz_t = tl.log2(z_t)
+        grad_scale = inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp
+        loss, g_mean = _loss_sweep(s_row, t_row, grad_row, 0, V, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha,
+                                   beta, KIND, HAS_GRAD, True, BLOCK)
         # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0: the loss is then NaN.
-        tl.store(loss_ptr + row, tl.where((z_s > 0) & (z_t > 0), tl.sum(loss_acc, 0), float("nan")))
-
-        # Sweep 3 (all kinds but fkl): p_S * (g - sum(p_S g)) / T.
+        tl.store(loss_ptr + row, tl.where((z_s > 0) & (z_t > 0), loss, float("nan")))
         if HAS_GRAD and KIND != FKL:
-            _write_grad(s_row, t_row, grad_row, V, scale2, inv_temp, m_s, z_s, m_t, z_t, tl.sum(g_acc, 0),
-                        alpha, beta, KIND, BLOCK)
+            _grad_sweep(s_row, t_row, grad_row, 0, V, scale2, grad_scale, m_s, lz_s, m_t, lz_t, g_mean, alpha, beta,
+                        KIND, BLOCK)
     else:
         tl.store(loss_ptr + row, 0.0)
         if HAS_GRAD:
-            for start in range(0, V, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                tl.store(grad_row + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < V)
+            _zero_sweep(grad_row, 0, V, BLOCK)
 
+
+@autotuned(key=["V", "chunk", "KIND"])
+@triton.jit
+def _kd_loss_split_kernel(
+    s_ptr,  # [N, V] student logits
+    t_ptr,  # [N, V] teacher logits
+    labels_ptr,  # [N] int64 labels (read only when HAS_LABELS)
+    weight_ptr,  # [] float32 gradient scale (read only when HAS_WEIGHT)
+    stats_ptr,  # [N, S, 4] float32 per-split softmax statistics (from _stats_kernel)
+    sums_ptr,  # [N, S, 4] float32 output: per-split (loss, sum(p_S g), -, -)
+    grad_ptr,  # [N, V] output: fkl gradient, or zeros on ignored rows (written only when HAS_GRAD)
+    s_stride, t_stride, grad_stride, V, chunk, inv_temp, alpha, beta, ignore_index,
+    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Phase 2 over one chunk: loss terms and centring sum with the row's combined statistics."""
+    row = tl.program_id(0).to(tl.int64)
+    n_splits = tl.num_programs(1)
+    lo = tl.program_id(1) * chunk
+    hi = tl.minimum(lo + chunk, V)
+    grad_row = grad_ptr + row * grad_stride
+    out = sums_ptr + (row * n_splits + tl.program_id(1)) * SUMS
+    keep = True
+    if HAS_LABELS:
+        keep = tl.load(labels_ptr + row) != ignore_index
+    if keep:
+        m_s, lz_s, m_t, lz_t, valid = _combine_stats(stats_ptr, row, n_splits, SPLITS)
+        grad_scale = inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp
+        loss, g_sum = _loss_sweep(s_ptr + row * s_stride, t_ptr + row * t_stride, grad_row, lo, hi,
+                                  inv_temp * LOG2E, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, KIND, HAS_GRAD,
+                                  False, BLOCK)
+        tl.store(out, tl.where(valid, loss, float("nan")))
+        tl.store(out + 1, g_sum)
+    else:
+        tl.store(out, 0.0)
+        tl.store(out + 1, 0.0)
+        if HAS_GRAD and KIND == FKL:
+            _zero_sweep(grad_row, lo, hi, BLOCK)
+
+
+@triton.jit
+def _scale_grad_kernel(
+    grad_ptr,  # [N, V] stored gradient, scaled in place
+    up_ptr,  # [N] upstream gradient of each row (stride 0 for a scalar)
+    grad_stride, up_stride, V, BLOCK: tl.constexpr,
+):
+    """``grad[n] *= up[n]``; rows whose factor is exactly 1 are left alone (no memory traffic, no host sync)."""
+    row = tl.program_id(0).to(tl.int64)
+    factor = tl.load(up_ptr + row * up_stride).to(tl.float32)
+    if factor != 1.0:
+        grad_row = grad_ptr + row * grad_stride
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            g = tl.load(grad_row + cols, mask=cols < V).to(tl.float32)
+            tl.store(grad_row + cols, (g * factor).to(grad_ptr.dtype.element_ty), mask=cols < V)

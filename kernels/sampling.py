@@ -1,4 +1,11 @@
-"""Counter-based Gumbel noise, bit-identical to ``switchkd.reference.uniform_noise``."""
+"""Counter-based sampling noise and the exponential race, bit-identical noise to ``switchkd.reference``.
+
+A token is drawn as ``argmax_i p_i / E_i`` with ``E_i = -log2(u_i)`` (an exponential variate up to the
+factor ln 2, which does not move the argmax): the exponential race, which is Gumbel-max
+``argmax_i log p_i - log(-log u_i)`` written without its second logarithm. ``p_i`` up to the row's
+normaliser is the ``exp2`` the online softmax computes anyway, so sampling adds one ``log2`` and one
+division per logit and model.
+"""
 
 import triton
 import triton.language as tl
@@ -23,12 +30,11 @@ def _row_hash(seed_key, row_key, position, model):
 
 
 @triton.jit
-def _gumbel2(key, cols):
-    """Base-2 Gumbel noise ``-log2(-log2(u))`` for vocabulary columns ``cols``; u has 23 random bits."""
+def _exp_noise2(key, cols):
+    """``-log2(u)`` for vocabulary columns ``cols``: u = (2j + 1) / 2**24 with 23 random bits, in (0, 1)."""
     h = _mix32(key ^ (cols.to(tl.uint32) * tl.full([], 0x9E3779B9, tl.uint32)))
-    u = ((h >> 9).to(tl.float32) * 2.0 + 1.0) * 5.9604644775390625e-08  # (2j + 1) / 2**24
-    return -tl.log2(-tl.log2(u))
-
+    u = ((h >> 9).to(tl.float32) * 2.0 + 1.0) * 5.9604644775390625e-08
+    return -tl.log2(u)
 
 
 @triton.jit
@@ -48,12 +54,17 @@ def _sample_kernel(
     x_stride, V, position, seed_key, scale2,
     MODEL: tl.constexpr, POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr, GREEDY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One Gumbel-max sample per row with the noise of ``switchkd.reference.sample`` (argmax when GREEDY)."""
+    """One exponential-race sample per row with the noise of ``switchkd.reference.sample`` (argmax when GREEDY).
+
+    Scores are ``2^(x2 - m) / E`` against the running maximum ``m``; when ``m`` moves, the best score so
+    far is rescaled by ``2^(m_old - m_new)`` (one exp2 per tile).
+    """
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     pos = position if POS_SCALAR else tl.load(positions_ptr + row)
     key = _row_hash(seed_key, row if KEYS_ARANGE else tl.load(row_keys_ptr + row), pos, MODEL)
-    best = -float("inf")
+    m = -3.0e38
+    best = -float("inf") if GREEDY else -1.0
     tok = 0
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -61,5 +72,9 @@ def _sample_kernel(
         if GREEDY:
             best, tok = _argmax_update(x, start, best, tok)
         else:
-            best, tok = _argmax_update(x * scale2 + _gumbel2(key, cols), start, best, tok)
+            x2 = x * scale2
+            m_new = tl.maximum(m, tl.max(x2, 0))
+            score = tl.exp2(x2 - m_new) / _exp_noise2(key, cols)
+            best, tok = _argmax_update(score, start, best * tl.exp2(m - m_new), tok)
+            m = m_new
     tl.store(tokens_ptr + row, tok.to(tl.int64))

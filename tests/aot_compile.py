@@ -1,9 +1,10 @@
 """Compile every Triton kernel variant ahead of time for sm_80 and sm_90 on a machine without a GPU.
 
 The cases come from the spec (every loss kind, policy, dtype and switch) and go through the real
-launchers with CPU tensors; a recorder stands in for each kernel and keeps the launch's arguments,
-so signatures and constexprs are never restated here. Run as a script (in a process without
-TRITON_INTERPRET) it prints one JSON object: case name → {"ok", "n_regs", "n_spills"} or the error.
+launchers with CPU tensors; a recorder stands in for each kernel and keeps every launch's arguments,
+so signatures and constexprs are never restated here. An autotuned kernel is compiled in every config
+its autotuner may pick on a GPU. Run as a script (in a process without TRITON_INTERPRET) it prints one
+JSON object: case name → {kernel[config] → {"ok", "n_regs", "n_spills"} or {"error"}}.
 ``tests/test_aot_compile.py`` runs it and checks every case.
 """
 
@@ -22,20 +23,26 @@ from switchkd.ops.spec import LOSS_KINDS, POLICY_KINDS, SwitchPolicy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-              torch.int32: "i32", torch.uint8: "u8"}
+              torch.int32: "i32", torch.uint8: "u8", torch.bool: "u8"}
 VOCAB = 50257
+SPLITS = 4
+# module → kernels its launchers may start
+KERNELS = {"split": ("_stats_kernel", "_grad_kernel"),
+           "kd_loss": ("_kd_loss_kernel", "_kd_loss_split_kernel", "_scale_grad_kernel"),
+           "switch_step": ("_switch_step_kernel", "_switch_step_finish_kernel"), "sampling": ("_sample_kernel",)}
 kd_loss_op = importlib.import_module("switchkd.ops.kd_loss")
 switch_step_op = importlib.import_module("switchkd.ops.switch_step")
+stored_grad = importlib.import_module("switchkd.ops.stored_grad")
 
 
 class Recorder:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](**kwargs)`` records the kwargs."""
+    """Stands in for a kernel: ``kernel[grid](**kwargs)`` appends ``(name, kernel, kwargs)`` to ``calls``."""
 
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
+    def __init__(self, name, kernel, calls):
+        self.name, self.kernel, self.calls = name, kernel, calls
 
     def __getitem__(self, grid):
-        return lambda **kwargs: self.calls.append(kwargs)
+        return lambda **kwargs: self.calls.append((self.name, self.kernel, kwargs))
 
 
 def _type(value) -> str:
@@ -48,40 +55,50 @@ def _type(value) -> str:
     return "fp32"
 
 
-def _record(module, name, launch):
-    """The kernel of ``module.name`` and the kwargs ``launch()`` passes to it."""
-    kernels = __import__(f"switchkd.kernels.{module}", fromlist=[name])
-    kernel = getattr(kernels, name)
-    recorder = Recorder(kernel)
-    setattr(kernels, name, recorder)
+def _record(launch):
+    """``[(kernel name, kernel, kwargs)]`` of every launch ``launch()`` makes."""
+    calls, saved = [], []
+    for module_name, names in KERNELS.items():
+        module = importlib.import_module(f"switchkd.kernels.{module_name}")
+        for name in names:
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, Recorder(name, saved[-1][2], calls))
     try:
         launch()
     finally:
-        setattr(kernels, name, kernel)
-    return kernel, recorder.calls[0]
+        for module, name, kernel in saved:
+            setattr(module, name, kernel)
+    return calls
 
 
 def switch_step_case(dtype, policy="exp", kind="fkl", greedy=False, scalar_args=False, has_grad=True):
     s = torch.zeros(2, VOCAB, dtype=DTYPES[dtype], requires_grad=has_grad)
     positions = 3 if scalar_args else torch.zeros(2, dtype=torch.int64)
     keys = None if scalar_args else torch.zeros(2, dtype=torch.int64)
-    return _record("switch_step", "_switch_step_kernel", lambda: switch_step_op.switch_step_triton(
+    return _record(lambda: switch_step_op.switch_step_triton(
         s, s.detach(), positions, keys, policy=SwitchPolicy(policy), temperature=0.0 if greedy else 1.0, seed=0,
-        kind=kind, alpha=0.1, beta=0.5, need_grad=has_grad))
+        kind=kind, alpha=0.1, beta=0.5, need_grad=has_grad, splits=SPLITS))
 
 
-def kd_loss_case(dtype, kind="srkl", has_labels=True, has_grad=True):
+def kd_loss_case(dtype, kind="srkl", has_labels=True, has_grad=True, splits=1, weighted=True):
     s = torch.zeros(2, VOCAB, dtype=DTYPES[dtype])
     labels = torch.zeros(2, dtype=torch.int64) if has_labels else None
-    return _record("kd_loss", "_kd_loss_kernel", lambda: kd_loss_op.kd_loss_triton(
-        s, s, labels, kind=kind, alpha=0.1, beta=0.5, temperature=1.0, ignore_index=-100, need_grad=has_grad))
+    weight = torch.ones((), dtype=torch.float32) if weighted else None
+    return _record(lambda: kd_loss_op.kd_loss_triton(
+        s, s, labels, kind=kind, alpha=0.1, beta=0.5, temperature=1.0, ignore_index=-100, need_grad=has_grad,
+        weight=weight, splits=splits))
 
 
 def sample_case(dtype, greedy=False, scalar_args=False):
     x = torch.zeros(2, VOCAB, dtype=DTYPES[dtype])
     positions = 3 if scalar_args else torch.zeros(2, dtype=torch.int64)
-    return _record("sampling", "_sample_kernel", lambda: switch_step_op.sample_triton(
+    return _record(lambda: switch_step_op.sample_triton(
         x, positions, None, temperature=0.0 if greedy else 1.0, seed=0, model=1))
+
+
+def scale_case(dtype):
+    grad = torch.zeros(2, VOCAB, dtype=DTYPES[dtype])
+    return _record(lambda: stored_grad.launch_scale(grad, torch.ones(2)))
 
 
 def cases():
@@ -92,17 +109,33 @@ def cases():
         for dtype in DTYPES:
             out[f"sm{arch}-{dtype}-switch_step"] = (arch, switch_step_case, (dtype,), {})
             out[f"sm{arch}-{dtype}-kd_loss"] = (arch, kd_loss_case, (dtype,), {})
+            out[f"sm{arch}-{dtype}-kd_loss-split"] = (arch, kd_loss_case, (dtype,), {"splits": SPLITS})
             out[f"sm{arch}-{dtype}-sample"] = (arch, sample_case, (dtype,), {})
+            out[f"sm{arch}-{dtype}-scale"] = (arch, scale_case, (dtype,), {})
     for policy in POLICY_KINDS:
         out[f"sm90-bf16-switch_step-{policy}"] = (90, switch_step_case, ("bf16",), {"policy": policy})
     for kind in LOSS_KINDS:
         out[f"sm90-bf16-switch_step-{kind}"] = (90, switch_step_case, ("bf16",), {"kind": kind})
         out[f"sm90-bf16-kd_loss-{kind}"] = (90, kd_loss_case, ("bf16",), {"kind": kind})
+        out[f"sm90-bf16-kd_loss-split-{kind}"] = (90, kd_loss_case, ("bf16",), {"kind": kind, "splits": SPLITS})
     out["sm90-bf16-switch_step-greedy-scalars-nograd"] = (
         90, switch_step_case, ("bf16",), {"greedy": True, "scalar_args": True, "has_grad": False})
-    out["sm90-bf16-kd_loss-nolabels-nograd"] = (90, kd_loss_case, ("bf16",), {"has_labels": False,
-                                                                               "has_grad": False})
+    for splits in (1, SPLITS):
+        out[f"sm90-bf16-kd_loss-nolabels-nograd-unweighted-{splits}"] = (
+            90, kd_loss_case, ("bf16",), {"has_labels": False, "has_grad": False, "splits": splits, "weighted": False})
     out["sm90-bf16-sample-greedy-scalars"] = (90, sample_case, ("bf16",), {"greedy": True, "scalar_args": True})
+    return out
+
+
+def variants(kernel, kwargs):
+    """``(label, jit function, kwargs)`` for every config an autotuned kernel may pick (the GPU list)."""
+    if not hasattr(kernel, "configs"):
+        return [("", kernel, kwargs)]
+    out = []
+    for config in kernel.configs:
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        label = f"[BLOCK={config.kwargs['BLOCK']},w{config.num_warps},s{config.num_stages}]"
+        out.append((label, kernel.fn, {**kwargs, **config.kwargs, **options}))
     return out
 
 
@@ -137,14 +170,30 @@ def register_usage(ptx: str, arch: int) -> dict:
     return {"n_regs": int(regs.group(1)) if regs else None, "n_spills": sum(spills)}
 
 
+def _compile_key(arch, fn, kwargs):
+    """What determines the binary: the kernel, the argument types, the constexprs and the options."""
+    fixed = {p.name for p in fn.params if p.is_constexpr} | {"num_warps", "num_stages"}
+    return arch, fn.fn.__name__, tuple(sorted((k, repr(v) if k in fixed else _type(v)) for k, v in kwargs.items()))
+
+
 def compile_all():
-    results = {}
+    results, done = {}, {}
     for name, (arch, case, args, kwargs) in cases().items():
+        results[name] = {}
         try:
-            kernel, launch_kwargs = case(*args, **kwargs)
-            results[name] = compile_case(arch, kernel, dict(launch_kwargs))
+            calls = case(*args, **kwargs)
         except Exception:  # noqa: BLE001 - reported to the test, which fails with the message
-            results[name] = {"error": traceback.format_exc(limit=4)}
+            results[name]["launch"] = {"error": traceback.format_exc(limit=4)}
+            continue
+        for kernel_name, kernel, launch_kwargs in calls:
+            for label, fn, variant_kwargs in variants(kernel, launch_kwargs):
+                key = _compile_key(arch, fn, variant_kwargs)
+                if key not in done:
+                    try:
+                        done[key] = compile_case(arch, fn, dict(variant_kwargs))
+                    except Exception:  # noqa: BLE001 - as above
+                        done[key] = {"error": traceback.format_exc(limit=4)}
+                results[name][kernel_name + label] = done[key]
     return results
 
 

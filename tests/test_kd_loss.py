@@ -1,9 +1,15 @@
+import contextlib
 import math
 
 import pytest
 import torch
 
 from switchkd import kd_loss, reference
+from switchkd.kernels import kd_loss as kd_kernels
+from switchkd.kernels import split as split_kernels
+from switchkd.kernels import switch_step as step_kernels
+from switchkd.ops.kd_loss import kd_loss_triton
+from switchkd.ops.stored_grad import attach_grad
 
 from conftest import DEVICE, assert_error_ratio, random_logits
 
@@ -13,7 +19,35 @@ LOSS_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 GRAD_ATOL = {torch.float32: 1e-7, torch.bfloat16: 1e-6, torch.float16: 1e-6}
 KINDS = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.3}), ("skl", {"alpha": 0.1}),
          ("srkl", {"alpha": 0.2}), ("tvd", {})]
-SHAPES = [(41, 1271), (3, 7), (1, 1), (3, 32000), (2, 50257)]
+# (rows, vocab, dtypes, kinds): one program per row (V = 1, 7; B = 256), vocabulary splits (the rest).
+CASES = [
+    (3, 7, DTYPES, KINDS),
+    (1, 1, [torch.float32], KINDS),
+    (3, 1271, [torch.float32, torch.bfloat16], KINDS),
+    (256, 7, [torch.bfloat16], [KINDS[3]]),
+    (1, 50257, [torch.float16], [KINDS[5]]),
+    (1, 151936, [torch.bfloat16], [KINDS[2]]),
+]
+AUTOTUNED = [split_kernels._stats_kernel, split_kernels._grad_kernel, kd_kernels._kd_loss_kernel,
+             kd_kernels._kd_loss_split_kernel, step_kernels._switch_step_kernel]
+# Every tile the autotuner can pick on a GPU (warps and stages do not change what the interpreter computes).
+GPU_TILES = {c.kwargs["BLOCK"]: c for c in split_kernels.gpu_tile_configs()}
+
+
+@contextlib.contextmanager
+def only_config(config):
+    """Every autotuned kernel runs ``config`` within the block."""
+    saved = [(k, k.configs, dict(k.cache)) for k in AUTOTUNED]
+    for kernel in AUTOTUNED:
+        kernel.configs = [config]
+        kernel.cache.clear()
+    try:
+        yield
+    finally:
+        for kernel, configs, cache in saved:
+            kernel.configs = configs
+            kernel.cache.clear()
+            kernel.cache.update(cache)
 
 
 def plain_torch_loss(s, t, kind, temperature, **params):
@@ -23,12 +57,12 @@ def plain_torch_loss(s, t, kind, temperature, **params):
     return reference.row_divergence(log_ps, log_pt, kind, **params)
 
 
-def run_rows(s, t, kind, params, temperature=1.0):
+def run_rows(s, t, kind, params, temperature=1.0, kernel=None):
     """Per-row loss and its gradient under a random upstream gradient: (kernel, float64 ref, plain torch)."""
     upstream = torch.rand(s.shape[0], dtype=torch.float64, device=s.device) + 0.5
     results = []
     for fn, x, y in [
-        (lambda a, b: kd_loss(a, b, kind=kind, temperature=temperature, reduction="none", **params), s, t),
+        (kernel or (lambda a, b: kd_loss(a, b, kind=kind, temperature=temperature, reduction="none", **params)), s, t),
         (lambda a, b: reference.kd_loss(a, b, kind=kind, temperature=temperature, reduction="none", **params),
          s.double(), t.double()),
         (lambda a, b: plain_torch_loss(a, b, kind, temperature, **params), s, t),
@@ -40,27 +74,49 @@ def run_rows(s, t, kind, params, temperature=1.0):
     return results
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind, params", KINDS, ids=lambda k: str(k))
-@pytest.mark.parametrize("rows, vocab", SHAPES)
-def test_matches_reference(rows, vocab, kind, params, dtype):
-    s = random_logits(rows, vocab, dtype)
-    t = random_logits(rows, vocab, dtype)
-    (out, grad), (ref, ref_grad), (plain, plain_grad) = run_rows(s, t, kind, params, temperature=1.3)
-    assert out.dtype == torch.float32 and grad.dtype == dtype
-    assert_error_ratio("loss", out, ref, plain, LOSS_ATOL[dtype])
-    assert_error_ratio("grad", grad, ref_grad, plain_grad, GRAD_ATOL[dtype])
+def check_rows(s, t, kind, params, temperature=1.3, kernel=None):
+    (out, grad), (ref, ref_grad), (plain, plain_grad) = run_rows(s, t, kind, params, temperature, kernel)
+    assert out.dtype == torch.float32 and grad.dtype == s.dtype
+    assert_error_ratio("loss", out, ref, plain, LOSS_ATOL[s.dtype])
+    # plus the rounding of the exact gradient to the output dtype, which no kernel can beat
+    rounding = (ref_grad.to(s.dtype).double() - ref_grad).abs().max().item()
+    assert_error_ratio("grad", grad, ref_grad, plain_grad, GRAD_ATOL[s.dtype] + rounding)
 
 
+@pytest.mark.parametrize("rows, vocab, dtype, kind, params", [
+    (r, v, d, k, p) for r, v, dtypes, kinds in CASES for d in dtypes for k, p in kinds], ids=str)
+def test_matches_reference(rows, vocab, dtype, kind, params):
+    check_rows(random_logits(rows, vocab, dtype), random_logits(rows, vocab, dtype), kind, params)
+
+
+@pytest.mark.parametrize("block", sorted(GPU_TILES))
+@pytest.mark.parametrize("rows, vocab, splits", [(2, 9001, 1), (2, 20000, 4)])
+def test_every_gpu_tile_matches_reference(rows, vocab, splits, block):
+    """Each tile config the GPU autotuner may pick, through the per-row kernel and the split kernels."""
+    s, t = random_logits(rows, vocab, torch.bfloat16), random_logits(rows, vocab, torch.bfloat16)
+
+    def kernel(x, y):
+        out, grad = kd_loss_triton(x.detach(), y, None, kind="jsd", alpha=0.1, beta=0.3, temperature=1.3,
+                                   ignore_index=-100, need_grad=True, splits=splits)
+        return attach_grad(x, out, grad)
+
+    with only_config(GPU_TILES[block]):
+        check_rows(s, t, "jsd", {"beta": 0.3}, kernel=kernel)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_reductions_and_ignore_index(reduction):
+def test_reductions_and_ignore_index(reduction, splits, backend, monkeypatch):
     s = random_logits(2 * 19, 523).view(2, 19, 523)
     t = random_logits(2 * 19, 523).view(2, 19, 523)
     labels = torch.randint(0, 523, (2, 19), device=DEVICE)
     labels[0, :7] = -100
     labels[1, 11:] = -100
     xs = [s.clone().requires_grad_(), s.double().requires_grad_()]
-    out = kd_loss(xs[0], t, labels, kind="srkl", reduction=reduction)
+    plan = split_kernels.split_plan
+    monkeypatch.setattr(split_kernels, "split_plan", lambda rows, vocab, device, n=None: plan(rows, vocab, device,
+                                                                                               splits))
+    out = kd_loss(xs[0], t, labels, kind="srkl", reduction=reduction, backend=backend)
     ref = reference.kd_loss(xs[1], t.double(), labels, kind="srkl", reduction=reduction)
     upstream = torch.rand(()) + 0.5
     (grad,) = torch.autograd.grad(out * upstream, xs[0])
@@ -70,58 +126,71 @@ def test_reductions_and_ignore_index(reduction):
     assert (grad[labels == -100] == 0).all() and (grad[labels != -100] != 0).any()
 
 
-def test_all_ignored_mean_is_zero_with_zero_grad():
+def test_unit_upstream_leaves_the_stored_gradient_alone(backend):
+    """backward() of a mean/sum loss needs no pass over the gradient: the kernel already applied the weight."""
+    s = random_logits(6, 300).requires_grad_()
+    t = random_logits(6, 300)
+    kd_loss(s, t, kind="jsd", backend=backend).backward()
+    x = s.detach().double().requires_grad_()
+    reference.kd_loss(x, t.double(), kind="jsd").backward()
+    torch.testing.assert_close(s.grad.double(), x.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_all_ignored_mean_is_zero_with_zero_grad(backend):
     s = random_logits(5, 64).requires_grad_()
-    loss = kd_loss(s, random_logits(5, 64), torch.full((5,), -100, device=DEVICE), reduction="mean")
+    loss = kd_loss(s, random_logits(5, 64), torch.full((5,), -100, device=DEVICE), reduction="mean", backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and (s.grad == 0).all()
 
 
-def test_leading_dims_and_none_shape():
+def test_leading_dims_and_none_shape(backend):
     s, t = random_logits(12, 33).view(3, 4, 33), random_logits(12, 33).view(3, 4, 33)
-    out = kd_loss(s, t, kind="fkl", reduction="none")
+    out = kd_loss(s, t, kind="fkl", reduction="none", backend=backend)
     assert out.shape == (3, 4)
     ref = reference.kd_loss(s.double(), t.double(), kind="fkl", reduction="none")
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("beta, twin", [(0.0, "fkl"), (1.0, "rkl")])
-def test_jsd_ends_are_fkl_and_rkl(beta, twin):
+def test_jsd_ends_are_fkl_and_rkl(beta, twin, backend):
     s, t = random_logits(9, 300), random_logits(9, 300)
-    torch.testing.assert_close(kd_loss(s, t, kind="jsd", beta=beta), kd_loss(s, t, kind=twin))
+    torch.testing.assert_close(kd_loss(s, t, kind="jsd", beta=beta, backend=backend),
+                               kd_loss(s, t, kind=twin, backend=backend))
 
 
-def test_symmetric_jsd_is_symmetric_and_bounded():
+def test_symmetric_jsd_is_symmetric_and_bounded(backend):
     s, t = random_logits(17, 1271, spread=(0.5, 30.0)), random_logits(17, 1271, spread=(0.5, 30.0))
-    a = kd_loss(s, t, kind="jsd", beta=0.5, reduction="none")
-    b = kd_loss(t, s, kind="jsd", beta=0.5, reduction="none")
+    a = kd_loss(s, t, kind="jsd", beta=0.5, reduction="none", backend=backend)
+    b = kd_loss(t, s, kind="jsd", beta=0.5, reduction="none", backend=backend)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (a >= -1e-6).all() and (a <= math.log(2) + 1e-6).all()
 
 
-def test_masked_vocabulary_entries_stay_finite():
-    s, t = random_logits(4, 200), random_logits(4, 200)
-    s[:, 150:] = float("-inf")
-    t[:, 150:] = float("-inf")
+@pytest.mark.parametrize("rows", [4, 1])  # one program per row / vocabulary splits
+def test_masked_vocabulary_entries_stay_finite(rows, backend):
+    s, t = random_logits(rows, 600), random_logits(rows, 600)
+    s[:, 450:] = float("-inf")
+    t[:, 450:] = float("-inf")
     for kind in reference.LOSS_KINDS:
         x = s.clone().requires_grad_()
-        loss = kd_loss(x, t, kind=kind)
+        loss = kd_loss(x, t, kind=kind, backend=backend)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), kind
-        assert (x.grad[:, 150:] == 0).all()
+        assert (x.grad[:, 450:] == 0).all()
 
 
+@pytest.mark.parametrize("rows", [4, 1])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_logits_give_a_nan_loss(bad):
-    s, t = random_logits(4, 100), random_logits(4, 100)
-    t[1, 3] = bad
-    rows = kd_loss(s, t, kind="srkl", reduction="none")
-    assert rows[1].isnan() and torch.isfinite(rows[[0, 2, 3]]).all()
+def test_non_finite_logits_give_a_nan_loss(bad, rows, backend):
+    s, t = random_logits(rows, 600), random_logits(rows, 600)
+    t[-1, 3] = bad
+    out = kd_loss(s, t, kind="srkl", reduction="none", backend=backend)
+    assert out[-1].isnan() and torch.isfinite(out[:-1]).all()
 
 
 def test_second_backward_through_the_same_graph_raises():
     s = random_logits(3, 50).requires_grad_()
-    loss = kd_loss(s, random_logits(3, 50))
+    loss = kd_loss(s, random_logits(3, 50), backend="triton")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         loss.backward()

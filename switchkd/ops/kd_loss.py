@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import triton
 
 from . import reference
 from .spec import (
@@ -19,42 +20,60 @@ from .spec import (
 )
 from .stored_grad import attach_grad
 
+LOG2E = 1.4426950408889634
+
 
 def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta, temperature, ignore_index,
-                   need_grad):
-    """Launch ``_kd_loss_kernel`` on ``[N, V]`` logits (last dim contiguous).
+                   need_grad, weight=None, splits=None):
+    """Run the kd_loss kernels on ``[N, V]`` logits (last dim contiguous): one program per row when there
+    are enough rows to fill the GPU, else statistics / loss / gradient phases over vocabulary splits.
 
     Returns ``(loss_rows [N] float32, grad [N, V] in the student dtype or None)``; ``grad`` is the
-    gradient of each row's loss (zero on ignored rows), to be scaled by the upstream gradient.
+    gradient of each row's loss (zero on ignored rows) times ``weight`` (a device scalar, default 1),
+    to be scaled by the upstream gradient. ``splits`` overrides the split count (tests).
     """
-    from ..kernels.divergence import block_size, num_warps
-    from ..kernels.kd_loss import _kd_loss_kernel
+    from ..kernels.kd_loss import _kd_loss_kernel, _kd_loss_split_kernel
+    from ..kernels.split import NO_SAMPLE, _grad_kernel, _stats_kernel, split_plan
 
-    n_rows, vocab = student_logits.shape
-    loss = torch.empty(n_rows, device=student_logits.device, dtype=torch.float32)
+    (n_rows, vocab), device = student_logits.shape, student_logits.device
+    loss = torch.empty(n_rows, device=device, dtype=torch.float32)
     grad = torch.empty_like(student_logits) if need_grad else None
-    block = block_size(vocab)
-    if n_rows > 0:
-        _kd_loss_kernel[(n_rows,)](
-            s_ptr=student_logits, t_ptr=teacher_logits, labels_ptr=labels if labels is not None else loss,
-            loss_ptr=loss, grad_ptr=grad if need_grad else loss,
-            s_stride=student_logits.stride(0), t_stride=teacher_logits.stride(0),
-            grad_stride=grad.stride(0) if need_grad else 0,
-            V=vocab, inv_temp=1.0 / temperature, alpha=float(alpha), beta=float(beta), ignore_index=ignore_index,
-            KIND=LOSS_CODES[kind], HAS_LABELS=labels is not None, HAS_GRAD=need_grad, BLOCK=block,
-            num_warps=num_warps(block),
-        )
+    if n_rows == 0:
+        return loss, grad
+    n_splits, chunk = split_plan(n_rows, vocab, device, splits)
+    args = {"s_ptr": student_logits, "t_ptr": teacher_logits, "labels_ptr": loss if labels is None else labels,
+            "weight_ptr": loss if weight is None else weight, "grad_ptr": grad if need_grad else loss,
+            "s_stride": student_logits.stride(0), "t_stride": teacher_logits.stride(0),
+            "grad_stride": grad.stride(0) if need_grad else 0, "V": vocab, "chunk": chunk,
+            "inv_temp": 1.0 / temperature,
+            "alpha": float(alpha), "beta": float(beta), "ignore_index": ignore_index, "KIND": LOSS_CODES[kind],
+            "HAS_LABELS": labels is not None, "HAS_WEIGHT": weight is not None}
+    if n_splits == 1:
+        _kd_loss_kernel[(n_rows,)](loss_ptr=loss, HAS_GRAD=need_grad, **args)
+        return loss, grad
+    grid, f32 = (n_rows, n_splits), {"device": device, "dtype": torch.float32}
+    stats, sums = torch.empty(n_rows, n_splits, 4, **f32), torch.empty(n_rows, n_splits, 4, **f32)
+    _stats_kernel[grid](s_ptr=student_logits, t_ptr=teacher_logits, positions_ptr=loss, row_keys_ptr=loss,
+                        stats_ptr=stats, cand_ptr=stats, cand_col_ptr=stats, s_stride=args["s_stride"],
+                        t_stride=args["t_stride"], V=vocab, chunk=chunk, position=0, seed_key=0,
+                        scale2=args["inv_temp"] * LOG2E, SAMPLE=NO_SAMPLE, POS_SCALAR=True, KEYS_ARANGE=True)
+    split_args = {**args, "stats_ptr": stats, "sums_ptr": sums, "SPLITS": triton.next_power_of_2(n_splits)}
+    _kd_loss_split_kernel[grid](HAS_GRAD=need_grad, **split_args)
+    if need_grad and kind != "fkl":
+        _grad_kernel[grid](**split_args)
+    torch.sum(sums[:, :, 0], dim=1, out=loss)
     return loss, grad
 
 
-def reduce_rows(rows: torch.Tensor, labels, ignore_index: int, reduction: str) -> torch.Tensor:
-    """``none`` | ``sum`` | ``mean`` over kept rows (0 when none is kept); no host sync."""
+def row_weight(n_rows: int, labels, ignore_index: int, reduction: str, device) -> torch.Tensor | None:
+    """The gradient weight of every row under ``reduction`` as a float32 device scalar (``mean``: 1 / kept
+    rows, 0 kept counting as 1; ``sum``: 1), or None for ``none``; no host sync."""
     if reduction == "none":
-        return rows
+        return None
     if reduction == "sum":
-        return rows.sum()
-    kept = rows.new_tensor(rows.shape[0]) if labels is None else (labels != ignore_index).sum()
-    return rows.sum() / kept.clamp_min(1).to(rows.dtype)
+        return torch.ones((), device=device, dtype=torch.float32)
+    kept = torch.tensor(n_rows, device=device) if labels is None else (labels != ignore_index).sum()
+    return 1.0 / kept.clamp_min(1).to(torch.float32)
 
 
 def kd_loss(student_logits, teacher_logits, labels=None, *, kind="srkl", alpha=0.1, beta=0.5, temperature=1.0,
@@ -64,10 +83,11 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, kind="srkl", alpha=0
     Every position contributes ``D(p_T, p_S)`` (nats) with ``p = softmax(logits / temperature)``;
     kinds: ``fkl`` KL(p_T||p_S), ``rkl`` KL(p_S||p_T), ``jsd`` (weight ``beta``; 0 → fkl, 1 → rkl),
     ``skl``/``srkl`` skew KL with ``alpha`` (DistiLLM), ``tvd``. Positions whose label equals
-    ``ignore_index`` are skipped. One Triton kernel per row computes the loss and, with
-    ``z = s / T`` and ``g = dL/dp_S``, the gradient ``p_S * (g - sum(p_S * g)) / T``; backward scales
-    it by the reduction. There is no host sync and no gradient flows to the teacher. NaN/inf logits
-    give a NaN loss.
+    ``ignore_index`` are skipped. The Triton kernels (one program per row, or vocabulary splits
+    when there are few rows) compute the loss and, with ``z = s / T`` and ``g = dL/dp_S``, the gradient
+    ``p_S * (g - sum(p_S * g)) / T`` times the reduction's weight in the same sweeps; backward only
+    scales it by the upstream gradient, and skips even that when the upstream is 1. There is no host
+    sync and no gradient flows to the teacher. NaN/inf logits give a NaN loss.
 
     Args:
         student_logits, teacher_logits: ``[..., V]`` float32/bfloat16/float16 (float64 runs the reference).
@@ -97,6 +117,9 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, kind="srkl", alpha=0
         return reference.kd_loss(student_logits, teacher_logits, labels, reduction=reduction, **options)
     s, t = rows_2d(student_logits), rows_2d(teacher_logits.detach())
     rows_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
-    rows, grad = kd_loss_triton(s, t, rows_labels, need_grad=s.requires_grad, **options)
-    out = reduce_rows(attach_grad(s, rows, grad), rows_labels, ignore_index, reduction)
-    return out.reshape(lead_shape) if reduction == "none" else out
+    weight = row_weight(s.shape[0], rows_labels, ignore_index, reduction, s.device)
+    rows, grad = kd_loss_triton(s, t, rows_labels, need_grad=s.requires_grad, weight=weight, **options)
+    if reduction == "none":
+        return attach_grad(s, rows, grad).reshape(lead_shape)
+    # The kernel's gradient already carries the reduction's weight: backward only scales by the upstream.
+    return attach_grad(s, rows.sum() * weight, grad)

@@ -75,8 +75,10 @@ def sample(logits, positions=0, *, temperature=1.0, seed=0, row_keys=None, model
     """Gumbel-max sample from ``softmax(logits / temperature)`` over ``[B, V]``; ``temperature == 0`` is argmax.
 
     Scores are in base 2: ``logits / T * log2(e) - log2(-log2(u))``, the Gumbel trick up to a
-    constant factor and offset. Ties go to the lowest index. ``model`` picks the noise stream
-    (``STUDENT`` = 0, ``TEACHER`` = 1), as in :func:`switch_step`.
+    constant factor and offset. The kernels evaluate the same argmax as an exponential race,
+    ``argmax p_i / E_i`` with ``E_i = -log2(u_i)`` (``log`` of that ratio is this score), so the
+    tokens are the same for the same ``u``. Ties go to the lowest index. ``model`` picks the noise
+    stream (``STUDENT`` = 0, ``TEACHER`` = 1), as in :func:`switch_step`.
     """
     if temperature == 0:
         return logits.argmax(-1)
@@ -101,7 +103,11 @@ def _log_mix(log_a, log_b, weight_a: float):
         return log_b
     if weight_a == 1.0:
         return log_a
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+    # Where both are -inf (masked vocabulary) logaddexp's gradient is NaN: mix zeros there instead.
+    dead = (log_a == -math.inf) & (log_b == -math.inf)
+    log_a, log_b = torch.where(dead, 0.0, log_a), torch.where(dead, 0.0, log_b)
+    mixed = torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+    return torch.where(dead, -math.inf, mixed)
 
 
 def row_divergence(log_ps, log_pt, kind: str, alpha: float = 0.1, beta: float = 0.5):

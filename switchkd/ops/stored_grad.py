@@ -2,32 +2,53 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
-class StoredGradFunction(torch.autograd.Function):
-    """Per-row values ``rows [N]`` of a fused kernel, tied to ``logits [N, V]`` by the kernel's own gradient.
+def scale_rows_(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    """``grad[n] *= upstream[n]`` in place (``upstream`` ``[N]`` or a scalar). On the Triton path rows whose
+    factor is exactly 1 are skipped on the device, so a ``loss.backward()`` costs no pass over ``grad``."""
+    upstream = upstream.reshape(-1).expand(grad.shape[0])
+    if not (grad.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1") or grad.shape[0] == 0:
+        return grad.mul_(upstream[:, None])
+    launch_scale(grad, upstream)
+    return grad
 
-    ``grad [N, V]`` holds ``d rows[n] / d logits[n]``; backward scales it in place by the upstream
-    gradient of each row, so the only ``[N, V]`` buffer is the one the kernel wrote.
+
+def launch_scale(grad: torch.Tensor, upstream: torch.Tensor):
+    """Launch ``_scale_grad_kernel`` over the rows of ``grad`` ``[N, V]`` with ``upstream`` ``[N]``."""
+    from ..kernels.kd_loss import _scale_grad_kernel
+
+    _scale_grad_kernel[(grad.shape[0],)](grad_ptr=grad, up_ptr=upstream, grad_stride=grad.stride(0),
+                                         up_stride=upstream.stride(0), V=grad.shape[1], BLOCK=2048, num_warps=8)
+
+
+class StoredGradFunction(torch.autograd.Function):
+    """A fused kernel's output ``value`` (per-row ``[N]`` or a scalar), tied to ``logits [N, V]`` by the
+    kernel's own gradient.
+
+    ``grad [N, V]`` holds ``d value[n] / d logits[n]`` (for a scalar: ``d value / d logits``); backward
+    scales it in place by the upstream gradient, so the only ``[N, V]`` buffer is the one the kernel wrote.
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, grad):
+    def forward(ctx, logits, value, grad):
         ctx.grad = grad
-        return rows.view_as(rows)
+        return value.view_as(value)
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_value):
         if ctx.grad is None:
             raise RuntimeError(
                 "switchkd: this graph was already back-propagated; the fused gradient is consumed by the first "
                 "backward (retain_graph is not supported)"
             )
         grad, ctx.grad = ctx.grad, None
-        return grad.mul_(grad_rows[:, None]), None, None
+        return scale_rows_(grad, grad_value), None, None
 
 
-def attach_grad(logits: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
-    """``rows``, differentiable w.r.t. ``logits`` through ``grad`` when the kernel computed one."""
-    return rows if grad is None else StoredGradFunction.apply(logits, rows, grad)
+def attach_grad(logits: torch.Tensor, value: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """``value``, differentiable w.r.t. ``logits`` through ``grad`` when the kernel computed one."""
+    return value if grad is None else StoredGradFunction.apply(logits, value, grad)

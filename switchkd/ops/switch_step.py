@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import triton
 
 from . import reference
 from .spec import (
@@ -26,13 +27,6 @@ from .stored_grad import attach_grad
 LOG2E = 1.4426950408889634
 
 
-def _launch_config(vocab: int) -> dict:
-    from ..kernels.divergence import block_size, num_warps
-
-    block = block_size(vocab)
-    return {"BLOCK": block, "num_warps": num_warps(block)}
-
-
 def _row_inputs(positions, row_keys, fallback: torch.Tensor) -> dict:
     """Kernel arguments for ``positions`` (int or ``[B]``) and ``row_keys`` (``[B]`` or None = arange)."""
     scalar = isinstance(positions, int)
@@ -45,51 +39,71 @@ def _row_inputs(positions, row_keys, fallback: torch.Tensor) -> dict:
     }
 
 
+def _workspace(batch: int, n_splits: int, device) -> dict:
+    """Per-split buffers the phases hand to each other: statistics, sampling candidates, partial sums."""
+    f32 = {"device": device, "dtype": torch.float32}
+    return {"stats_ptr": torch.empty(batch, n_splits, 4, **f32), "cand_ptr": torch.empty(batch, n_splits, 2, **f32),
+            "cand_col_ptr": torch.empty(batch, n_splits, 2, device=device, dtype=torch.int32)}
+
+
 def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, policy, temperature, seed, kind,
-                       alpha, beta, need_grad):
-    """Launch ``_switch_step_kernel`` once over ``[B, V]`` logits (last dim contiguous).
+                       alpha, beta, need_grad, splits=None):
+    """Run the switch step's kernels over ``[B, V]`` logits (last dim contiguous) on a ``(B, S)`` grid.
 
     Returns a :class:`SwitchStep` whose ``loss`` carries no graph, and the per-row gradient
-    ``d loss[b] / d student_logits[b]`` ``[B, V]`` (or None).
+    ``d loss[b] / d student_logits[b]`` ``[B, V]`` (or None). ``splits`` overrides the split count (tests).
     """
-    from ..kernels.switch_step import _switch_step_kernel
+    from ..kernels.split import GREEDY, RACE, _grad_kernel, _stats_kernel, split_plan
+    from ..kernels.switch_step import _switch_step_finish_kernel, _switch_step_kernel
 
-    batch, vocab = student_logits.shape
-    tokens = student_logits.new_empty(batch, dtype=torch.int64)
-    from_teacher = student_logits.new_empty(batch, dtype=torch.uint8)
-    divergence = student_logits.new_empty(batch, dtype=torch.float32)
-    student_tokens, teacher_tokens, loss = torch.empty_like(tokens), torch.empty_like(tokens), torch.empty_like(
-        divergence)
+    (batch, vocab), device = student_logits.shape, student_logits.device
+    s_tokens, t_tokens = (torch.empty(batch, device=device, dtype=torch.int64) for _ in range(2))
+    step = SwitchStep(torch.empty_like(s_tokens), torch.empty(batch, device=device, dtype=torch.bool),
+                      torch.empty(batch, device=device, dtype=torch.float32), s_tokens, t_tokens,
+                      torch.empty(batch, device=device, dtype=torch.float32))
     grad = torch.empty_like(student_logits) if need_grad else None
+    if batch == 0:
+        return step, grad
+    n_splits, chunk = split_plan(batch, vocab, device, splits)
+    work, rows = _workspace(batch, n_splits, device), _row_inputs(positions, row_keys, s_tokens)
+    sums = torch.empty(batch, n_splits, 4, device=device, dtype=torch.float32)
+    inv_temp, greedy, topk = 1.0 / temperature if temperature > 0 else 1.0, temperature == 0, policy.kind == "topk"
+    logits = {"s_ptr": student_logits, "t_ptr": teacher_logits, "s_stride": student_logits.stride(0),
+              "t_stride": teacher_logits.stride(0), "V": vocab, "chunk": chunk}
+    grads = {"grad_ptr": grad if need_grad else sums, "grad_stride": grad.stride(0) if need_grad else 0,
+             "inv_temp": inv_temp, "alpha": float(alpha), "beta": float(beta), "KIND": LOSS_CODES[kind],
+             "SPLITS": triton.next_power_of_2(n_splits), **work}
+    grid = (batch, n_splits)
+    _stats_kernel[grid](**logits, **work, seed_key=reference.seed_hash(seed), scale2=inv_temp * LOG2E,
+                        SAMPLE=GREEDY if greedy else RACE, **rows)
+    _switch_step_kernel[grid](**logits, **grads, sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
+                              TOPK=topk, GREEDY=greedy, HAS_GRAD=need_grad)
     thr = policy.coefficients()
-    if batch > 0:
-        _switch_step_kernel[(batch,)](
-            s_ptr=student_logits, t_ptr=teacher_logits, tokens_ptr=tokens, from_teacher_ptr=from_teacher,
-            divergence_ptr=divergence, s_tokens_ptr=student_tokens, t_tokens_ptr=teacher_tokens, loss_ptr=loss,
-            grad_ptr=grad if need_grad else loss,
-            s_stride=student_logits.stride(0), t_stride=teacher_logits.stride(0),
-            grad_stride=grad.stride(0) if need_grad else 0,
-            V=vocab, seed_key=reference.seed_hash(seed), inv_temp=1.0 / temperature if temperature > 0 else 1.0,
-            thr_scale=thr.scale, thr_rate=thr.rate, thr_slope=thr.slope, thr_floor=thr.floor,
-            top_k=policy.top_k, alpha=float(alpha), beta=float(beta),
-            TOPK=policy.kind == "topk", KIND=LOSS_CODES[kind], GREEDY=temperature == 0, HAS_GRAD=need_grad,
-            **_row_inputs(positions, row_keys, tokens), **_launch_config(vocab),
-        )
-    step = SwitchStep(tokens, from_teacher.view(torch.bool), divergence, student_tokens, teacher_tokens, loss)
+    _switch_step_finish_kernel[(batch,)](
+        positions_ptr=rows["positions_ptr"], sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
+        tokens_ptr=step.tokens, from_teacher_ptr=step.from_teacher.view(torch.uint8),
+        divergence_ptr=step.divergence, loss_ptr=step.loss, n_splits=n_splits, position=rows["position"],
+        thr_scale=thr.scale, thr_rate=thr.rate, thr_slope=thr.slope, thr_floor=thr.floor, top_k=policy.top_k,
+        TOPK=topk, POS_SCALAR=rows["POS_SCALAR"], SPLITS=grads["SPLITS"])
+    if need_grad and kind != "fkl":
+        del grads["cand_ptr"], grads["cand_col_ptr"]
+        _grad_kernel[grid](**logits, **grads, labels_ptr=sums, weight_ptr=sums, sums_ptr=sums, ignore_index=0,
+                           HAS_LABELS=False, HAS_WEIGHT=False)
     return step, grad
 
 
 def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAULT_POLICY, temperature=1.0, seed=0,
                       row_keys=None, loss="fkl", alpha=0.1, beta=0.5, backend="auto",
                       check_finite=True) -> SwitchStep:
-    """One SWITCH decoding step over a batch of next-token logits, fused in one kernel launch.
+    """One SWITCH decoding step over a batch of next-token logits: three launches over vocabulary splits.
 
     Per row: ``p_S = softmax(student / T)``, ``p_T = softmax(teacher / T)``, ``d = JSD(p_T, p_S)``
-    (nats), a Gumbel-max sample from each model, and the teacher's sample is kept when ``policy``
-    says so (e.g. ``d > tau0 * exp(-decay * t)``). Also returns the per-row loss of kind ``loss``,
-    differentiable w.r.t. ``student_logits``: with ``z = s / T``, ``p_S = softmax(z)`` and
-    ``g = dL/dp_S``, the kernel writes ``dL/ds = p_S * (g - sum(p_S * g)) / T`` (``(p_S - p_T) / T``
-    for ``fkl``) in the same pass, and backward only scales it.
+    (nats), a Gumbel-max sample from each model (computed as the equivalent exponential race), and
+    the teacher's sample is kept when ``policy`` says so (e.g. ``d > tau0 * exp(-decay * t)``).
+    Also returns the per-row loss of kind ``loss``, differentiable w.r.t. ``student_logits``: with
+    ``z = s / T``, ``p_S = softmax(z)`` and ``g = dL/dp_S``, the kernels write
+    ``dL/ds = p_S * (g - sum(p_S * g)) / T`` (``(p_S - p_T) / T`` for ``fkl``) in the same pass,
+    and backward only scales it.
 
     Args:
         student_logits, teacher_logits: ``[B, V]`` float32/bfloat16/float16 (float64 runs the reference).
@@ -102,7 +116,8 @@ def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAU
         loss, alpha, beta: the loss kind (``fkl rkl jsd skl srkl tvd``) and its parameters.
         backend: ``auto`` | ``triton`` | ``reference``.
         check_finite: raise ``ValueError`` for rows whose logits hold NaN/+inf (or are all -inf);
-            costs one host sync on a ``[B]`` tensor.
+            costs one host sync on a ``[B]`` tensor. Without it such rows come back with a NaN
+            ``divergence`` and ``loss`` and are never switched (see :func:`raise_on_bad_rows`).
 
     Returns:
         ``SwitchStep(tokens, from_teacher, divergence, student_tokens, teacher_tokens, loss)``, each ``[B]``.
@@ -135,11 +150,14 @@ def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAU
         step, grad = switch_step_triton(s, t, positions, need_grad=s.requires_grad, **options)
         step = step._replace(loss=attach_grad(s, step.loss, grad))
     if check_finite:
-        _raise_on_bad_rows(step.divergence, student_logits, teacher_logits)
+        raise_on_bad_rows(step.divergence, student_logits, teacher_logits)
     return step
 
 
-def _raise_on_bad_rows(divergence, student_logits, teacher_logits):
+def raise_on_bad_rows(divergence, student_logits, teacher_logits):
+    """``ValueError`` naming the argument and rows whose divergence is NaN (NaN/+inf logits, or an all -inf
+    row); one host sync. Decoding loops pass ``check_finite=False`` per step and call this only when the
+    divergences they copy to the host anyway hold a NaN."""
     bad = torch.isnan(divergence)
     if not bool(bad.any()):
         return
@@ -192,11 +210,12 @@ def sample_triton(logits, positions, row_keys, *, temperature, seed, model):
     from ..kernels.sampling import _sample_kernel
 
     batch, vocab = logits.shape
+    block = min(4096, triton.next_power_of_2(max(vocab, 16)))
     tokens = logits.new_empty(batch, dtype=torch.int64)
     if batch > 0:
         _sample_kernel[(batch,)](
             x_ptr=logits, tokens_ptr=tokens, x_stride=logits.stride(0), V=vocab, seed_key=reference.seed_hash(seed),
             scale2=LOG2E / temperature if temperature > 0 else 1.0, MODEL=model, GREEDY=temperature == 0,
-            **_row_inputs(positions, row_keys, tokens), **_launch_config(vocab),
+            **_row_inputs(positions, row_keys, tokens), BLOCK=block, num_warps=8 if block >= 2048 else 4,
         )
     return tokens

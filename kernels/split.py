@@ -1,0 +1,217 @@
+"""Split-vocabulary machinery shared by the switch step and kd_loss (flash-decoding's split-KV idea).
+
+A ``[R, V]`` pair of logit rows is cut into ``S`` column chunks; the grid is ``(R, S)`` so that one row
+fills the GPU. Phase 1 (:func:`_stats_kernel`) writes each chunk's base-2 softmax statistics ``(m, z)``
+(and, for the switch step, its best sampling candidate); later phases combine the ``S`` entries of
+their row in registers (:func:`_combine_stats`) and sweep their own chunk again. No host sync: every
+combine happens on the device, at the start of the next launch.
+
+Tile size, warps and stages come from ``triton.autotune`` (keyed on V, the chunk, the loss kind or
+sampling mode, and the dtypes); in the CPU interpreter there is a single config. The number of splits
+is chosen on the host (:func:`split_plan`) because every phase must agree on it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import triton
+import triton.language as tl
+
+from .divergence import LOG2E, NEG_BIG, _grad_sweep, _zero_sweep
+from .sampling import _argmax_update, _exp_noise2, _row_hash
+
+# Sampling modes of the statistics sweep.
+NO_SAMPLE: tl.constexpr = tl.constexpr(0)
+RACE: tl.constexpr = tl.constexpr(1)
+GREEDY: tl.constexpr = tl.constexpr(2)
+
+STATS: tl.constexpr = tl.constexpr(4)  # per split: m_s, z_s, m_t, z_t (base 2)
+SUMS: tl.constexpr = tl.constexpr(4)  # per split: loss, sum(p_S g), jsd, teacher rank of the student token
+MAX_SPLITS = 128
+COL_ALIGN = 128  # chunk boundaries fall on multiples of this many columns
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gpu_tile_configs():
+    """Every config the autotuner may pick on a GPU (the ahead-of-time compile builds all of them)."""
+    return [
+        triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK": 4096}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK": 4096}, num_warps=16, num_stages=1),
+    ]
+
+
+def tile_configs():
+    """The autotuner's configs: the GPU list; one config in the interpreter (tests swap in each GPU one)
+    and with ``SWITCHKD_AUTOTUNE=0`` (GPU test runs: no tuning pass per new shape)."""
+    if interpreted():
+        return [triton.Config({"BLOCK": 1024}, num_warps=4)]
+    if os.environ.get("SWITCHKD_AUTOTUNE", "1") == "0":
+        return gpu_tile_configs()[1:2]
+    return gpu_tile_configs()
+
+
+def prune_tiles(configs, nargs, **kwargs):
+    """Drop tiles wider than the chunk (keeping the narrowest when all are)."""
+    width = max(1024, triton.next_power_of_2(kwargs.get("chunk", nargs.get("chunk", 1))))
+    kept = [c for c in configs if c.kwargs["BLOCK"] <= width]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK"])]
+
+
+def autotuned(key):
+    """``triton.autotune`` with switchkd's tile configs and pruning, keyed on ``key`` (+ dtypes)."""
+    return triton.autotune(configs=tile_configs(), key=key, prune_configs_by={"early_config_prune": prune_tiles})
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_plan(rows: int, vocab: int, device, splits: int | None = None) -> tuple[int, int]:
+    """``(n_splits, chunk)``: enough programs for two per multiprocessor (8 in the interpreter), each
+    chunk at least 1024 columns (256 interpreted) and a multiple of 128; ``splits`` overrides the count
+    (tests), which the 128-column alignment may then lower."""
+    if splits is None:
+        if getattr(device, "type", device) == "cuda":
+            target, min_chunk = 2 * _sm_count(device.index if device.index is not None else 0), 1024
+        else:
+            target, min_chunk = 8, 256
+        wanted = triton.next_power_of_2(triton.cdiv(target, max(rows, 1)))
+        splits = min(wanted, vocab // min_chunk)
+    splits = max(1, min(splits, MAX_SPLITS))
+    chunk = triton.cdiv(triton.cdiv(vocab, splits), COL_ALIGN) * COL_ALIGN
+    return triton.cdiv(vocab, chunk), chunk
+
+
+@triton.jit
+def _row_stats(x_row, lo, hi, scale2, key, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` and the best sampling
+    candidate: exponential race ``2^(x2 - m) / E`` (RACE; the exp2 is the softmax's own, the best score
+    is rescaled when ``m`` moves) or the raw logit (GREEDY)."""
+    m = NEG_BIG
+    z = 0.0
+    best = -float("inf") if SAMPLE == GREEDY else -1.0
+    col = lo
+    for start in range(lo, hi, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols, mask=cols < hi, other=-float("inf")).to(tl.float32)
+        x2 = x * scale2
+        m_new = tl.maximum(m, tl.max(x2, 0))
+        rescale = tl.exp2(m - m_new)
+        e = tl.exp2(x2 - m_new)
+        z = z * rescale + tl.sum(e, 0)
+        if SAMPLE == RACE:
+            best, col = _argmax_update(e / _exp_noise2(key, cols), start, best * rescale, col)
+        elif SAMPLE == GREEDY:
+            best, col = _argmax_update(x, start, best, col)
+        m = m_new
+    return m, z, best, col
+
+
+@triton.jit
+def _merge(m, z):
+    """Row statistics ``(max, log2 of the sum)`` from per-split ``(m, z)`` vectors, and whether the row is
+    finite and non-empty."""
+    m_all = tl.max(m, 0)
+    z_all = tl.sum(z * tl.exp2(m - m_all), 0)
+    return m_all, tl.log2(z_all), z_all > 0
+
+
+@triton.jit
+def _combine_stats(
+    stats_ptr,  # [R, S, 4] float32 per-split (m_s, z_s, m_t, z_t)
+    row, n_splits, SPLITS: tl.constexpr,
+):
+    """The row's base-2 log-normalisers ``m_s, lz_s, m_t, lz_t`` and validity (False for NaN/+inf or all -inf rows)."""
+    k = tl.arange(0, SPLITS)
+    mask = k < n_splits
+    base = stats_ptr + (row * n_splits + k) * STATS
+    m_s, lz_s, ok_s = _merge(tl.load(base, mask=mask, other=NEG_BIG), tl.load(base + 1, mask=mask, other=0.0))
+    m_t, lz_t, ok_t = _merge(tl.load(base + 2, mask=mask, other=NEG_BIG), tl.load(base + 3, mask=mask, other=0.0))
+    return m_s, lz_s, m_t, lz_t, ok_s & ok_t
+
+
+@triton.jit
+def _sum_splits(sums_ptr, row, n_splits, field, SPLITS: tl.constexpr):
+    """Sum over the row's splits of one field of the ``[R, S, 4]`` partial sums."""
+    k = tl.arange(0, SPLITS)
+    return tl.sum(tl.load(sums_ptr + (row * n_splits + k) * SUMS + field, mask=k < n_splits, other=0.0), 0)
+
+
+@autotuned(key=["V", "chunk", "SAMPLE"])
+@triton.jit
+def _stats_kernel(
+    s_ptr,  # [R, V] student logits
+    t_ptr,  # [R, V] teacher logits
+    positions_ptr,  # [R] int64 generated-token index (read unless POS_SCALAR)
+    row_keys_ptr,  # [R] int64 stable sequence ids (read unless KEYS_ARANGE)
+    stats_ptr,  # [R, S, 4] float32 output: per-split (m_s, z_s, m_t, z_t), base 2
+    cand_ptr,  # [R, S, 2] float32 output: per-split best candidate score (student, teacher) when SAMPLE
+    cand_col_ptr,  # [R, S, 2] int32 output: its column
+    s_stride, t_stride, V, chunk, position, seed_key, scale2,
+    SAMPLE: tl.constexpr, POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Phase 1: softmax statistics (one exp2 per logit) and sampling candidates of one chunk of one row."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, V)
+    pos = position if POS_SCALAR else tl.load(positions_ptr + row)
+    row_key = row if KEYS_ARANGE else tl.load(row_keys_ptr + row)
+    key_s = _row_hash(seed_key, row_key, pos, 0)  # scalar work, used only when SAMPLE == RACE
+    key_t = _row_hash(seed_key, row_key, pos, 1)
+    m_s, z_s, best_s, col_s = _row_stats(s_ptr + row * s_stride, lo, hi, scale2, key_s, SAMPLE, BLOCK)
+    m_t, z_t, best_t, col_t = _row_stats(t_ptr + row * t_stride, lo, hi, scale2, key_t, SAMPLE, BLOCK)
+    out = row * tl.num_programs(1) + split
+    tl.store(stats_ptr + out * STATS, m_s)
+    tl.store(stats_ptr + out * STATS + 1, z_s)
+    tl.store(stats_ptr + out * STATS + 2, m_t)
+    tl.store(stats_ptr + out * STATS + 3, z_t)
+    if SAMPLE != NO_SAMPLE:
+        tl.store(cand_ptr + out * 2, best_s)
+        tl.store(cand_ptr + out * 2 + 1, best_t)
+        tl.store(cand_col_ptr + out * 2, col_s)
+        tl.store(cand_col_ptr + out * 2 + 1, col_t)
+
+
+@autotuned(key=["V", "chunk", "KIND"])
+@triton.jit
+def _grad_kernel(
+    s_ptr,  # [R, V] student logits
+    t_ptr,  # [R, V] teacher logits
+    labels_ptr,  # [R] int64 labels (read only when HAS_LABELS)
+    weight_ptr,  # [] float32 gradient scale (read only when HAS_WEIGHT)
+    stats_ptr,  # [R, S, 4] float32 per-split softmax statistics
+    sums_ptr,  # [R, S, 4] float32 per-split partial sums (field 1: sum(p_S g) in nats)
+    grad_ptr,  # [R, V] output: d loss_row / d student logits
+    s_stride, t_stride, grad_stride, V, chunk, inv_temp, alpha, beta, ignore_index,
+    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Last phase for every kind but fkl: ``p_S (g - sum(p_S g)) / T`` over one chunk (zero on ignored rows)."""
+    row = tl.program_id(0).to(tl.int64)
+    n_splits = tl.num_programs(1)
+    lo = tl.program_id(1) * chunk
+    hi = tl.minimum(lo + chunk, V)
+    grad_row = grad_ptr + row * grad_stride
+    keep = True
+    if HAS_LABELS:
+        keep = tl.load(labels_ptr + row) != ignore_index
+    if keep:
+        m_s, lz_s, m_t, lz_t, _ = _combine_stats(stats_ptr, row, n_splits, SPLITS)
+        g_mean = _sum_splits(sums_ptr, row, n_splits, 1, SPLITS)
+        scale = inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp
+        _grad_sweep(s_ptr + row * s_stride, t_ptr + row * t_stride, grad_row, lo, hi, inv_temp * LOG2E, scale, m_s,
+                    lz_s, m_t, lz_t, g_mean, alpha, beta, KIND, BLOCK)
+    else:
+        _zero_sweep(grad_row, lo, hi, BLOCK)
+
