@@ -249,10 +249,12 @@ class SwitchKDTrainer(Trainer):
         output_dir = self.args.output_dir
         if resume_from_checkpoint is True:
             resume_from_checkpoint = self.latest_checkpoint()
-        elif not resume_from_checkpoint and self.args.should_save:
+        elif not resume_from_checkpoint and self.args.save_strategy != "no":
             check_output_dir(output_dir, resume=False, overwrite=self.args.overwrite_output_dir, any_file=False)
-            for folder in remove_previous_checkpoints(output_dir) if self.args.overwrite_output_dir else ():
-                logger.warning("overwrite_output_dir: removed %s of an earlier run", folder)
+            if self.args.overwrite_output_dir and self.args.should_save:
+                for folder in remove_previous_checkpoints(output_dir):
+                    logger.warning("overwrite_output_dir: removed %s of an earlier run", folder)
+            self.accelerator.wait_for_everyone()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def latest_checkpoint(self) -> str:
