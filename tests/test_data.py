@@ -96,3 +96,10 @@ def test_tokenisation_masks_prompts_and_reports_dropped_rows(tmp_path, caplog):
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     with pytest.raises(ValueError, match="no usable rows"):
         DistillDataset([("x" * 40, "y")], tok, max_prompt_tokens=10)
+
+
+def test_dict_rows_as_from_a_datasets_table():
+    tok = char_tokenizer()
+    data = DistillDataset([{"messages": CHAT}, {"prompt": "ab", "response": "ba"}], tok, max_prompt_tokens=64)
+    assert data.prompts == ["system: be brief\nuser: hi\nassistant: yo\nuser: abc\nassistant: ", "ab"]
+    assert data.references == ["cba", "ba"] and data.prompt_format == "raw"  # mixed formats: raw

@@ -12,6 +12,7 @@ from switchkd import SwitchKDConfig, SwitchKDTrainer
 from switchkd.cli import main
 from switchkd.training.checkpoints import is_complete, latest_complete
 from switchkd.training.data import DistillDataset
+from switchkd.training.evaluate import generate_responses
 
 from models import REVERSE_ROWS, char_gpt2, char_tokenizer
 
@@ -155,6 +156,8 @@ def test_padded_rows_stay_out_of_the_loss_and_of_teacher_sampling(tmp_path):
         trainer.model.lm_head.weight[103:] *= 100
         trainer.teacher.lm_head.weight[103:] *= 100
     torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), loss)
+    responses = generate_responses(trainer.model, tok, [[5, 6, 7]] * 4, max_new_tokens=6, temperature=1.0)
+    assert all(t < 103 for r in responses for t in r)  # switchkd generate/eval never sample the padded rows
 
 
 # ---------------------------------------------------------------------------------------- 4. chat data

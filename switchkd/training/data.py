@@ -136,8 +136,9 @@ def saved_prompt_format(model_dir) -> str:
 
 
 class DistillDataset(torch.utils.data.Dataset):
-    """Tokenised examples (a JSONL path, :class:`Example` rows or ``(prompt, response)`` pairs, a prompt being
-    text or chat turns); rows too long for the limits are dropped and counted.
+    """Tokenised examples from a JSONL path, :class:`Example` rows, dict rows as in the JSONL (so a
+    ``datasets.Dataset`` with a ``messages`` column works) or ``(prompt, response)`` pairs (a prompt being text
+    or chat turns); rows too long for the limits are dropped and counted.
 
     Items: ``{"prompt_ids": [...], "response_ids": [...] (EOS appended), "index": i}``; ``prompts`` holds the
     prompt texts the model sees (:func:`prompt_text`), ``prompt_format`` the data's format.
@@ -176,6 +177,8 @@ class DistillDataset(torch.utils.data.Dataset):
 def _example(row) -> Example:
     if isinstance(row, Example):
         return row
+    if isinstance(row, dict):  # a JSONL-style row, e.g. from a `datasets.Dataset`
+        return parse_row(row)
     prompt, response = row
     return Example(prompt, response, "chat" if isinstance(prompt, list) else "raw")
 

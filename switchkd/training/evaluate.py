@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..decoding.generator import output_vocab_size
+from .models import base_model
+
 DEFAULT_BUCKETS = (16, 64, 128)  # reference-length (tokens) bucket edges
 UNITS = {"rougeL": "fraction in [0, 1] (ROUGE-L F-measure, stemmed; the table shows percent)",
          "exact_match": "fraction in [0, 1] (the table shows percent)", "n": "examples",
@@ -34,7 +37,8 @@ def rouge_l(prediction: str, references: list[str]) -> float:
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 128,
                        temperature: float = 0.0, batch_size: int = 8, seed: int = 0, progress: bool = True):
-    """Token ids each prompt's response (EOS stripped), with ``model.generate`` on left-padded batches."""
+    """Token ids each prompt's response (EOS stripped), with ``model.generate`` on left-padded batches; output rows
+    past the tokenizer's length (padded embeddings) are never sampled."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if max_new_tokens < 1:
@@ -44,6 +48,8 @@ def generate_responses(model, tokenizer, prompts: list[list[int]], *, max_new_to
     if any(not p for p in prompts):
         raise ValueError("prompt is empty: every prompt needs at least one token")
     torch.manual_seed(seed)
+    rows = output_vocab_size(base_model(model))
+    padded = {"suppress_tokens": list(range(len(tokenizer), rows))} if rows > len(tokenizer) else {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     was_training = model.training
@@ -56,7 +62,7 @@ def generate_responses(model, tokenizer, prompts: list[list[int]], *, max_new_to
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **sampling)
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **sampling, **padded)
         for row in out[:, width:].tolist():
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
