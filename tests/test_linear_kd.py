@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from switchkd import fused_linear_kd_loss, reference
+from switchkd import fused_linear_kd_loss, kd_loss, reference
 from switchkd.ops.linear_kd import CPU_CHUNK_BYTES, LIVE_BUFFERS, default_chunk_rows
 
 from conftest import DEVICE, assert_error_ratio
@@ -185,3 +185,22 @@ def test_no_grad_mode_computes_the_loss_only():
         got = fused_linear_kd_loss(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt)
     assert not got.requires_grad
     torch.testing.assert_close(got, want.detach())
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_row_weights_weight_each_position(reduction):
+    hs, ws = torch.randn(2, 5, 6, dtype=torch.float64), torch.randn(13, 6, dtype=torch.float64)
+    ht, wt = torch.randn(2, 5, 9, dtype=torch.float64), torch.randn(13, 9, dtype=torch.float64)
+    weights, labels = torch.rand(2, 5, dtype=torch.float64), torch.randint(0, 13, (2, 5))
+    labels[1, 2] = -100
+    fused_inputs = [x.clone().requires_grad_() for x in (hs, ws)]
+    fused = fused_linear_kd_loss(fused_inputs[0], fused_inputs[1], ht, wt, labels, kind="jsd", reduction=reduction,
+                                 row_weights=weights)
+    full_inputs = [x.clone().requires_grad_() for x in (hs, ws)]
+    rows = kd_loss(full_inputs[0] @ full_inputs[1].T, ht @ wt.T, labels, kind="jsd", reduction="none")
+    expected = (rows * weights).sum() / (1 if reduction == "sum" else (labels != -100).sum())
+    torch.testing.assert_close(fused, expected)
+    fused.backward()
+    expected.backward()
+    for got, want in zip(fused_inputs, full_inputs, strict=True):
+        torch.testing.assert_close(got.grad, want.grad)

@@ -147,7 +147,10 @@ class FusedLinearKDFunction(torch.autograd.Function):
             ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels)
             return _chunked(student, teacher, labels, (False,) * 3, None, opts)[0]
         needs = tuple(opts["grad_enabled"] and need for need in ctx.needs_input_grad[:3])  # none under no_grad
-        rows, *ctx.grads = _chunked(student, teacher, labels, needs, None, opts)
+        weights = opts["row_weights"]
+        rows, *ctx.grads = _chunked(student, teacher, labels, needs, weights, opts)
+        if weights is not None:
+            rows = rows * weights
         if opts["reduction"] == "sum":
             ctx.scale = torch.ones((), device=rows.device, dtype=rows.dtype)
         else:
@@ -206,7 +209,7 @@ def _check_inputs(student, teacher, labels):
 
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *, kind="srkl",
                          alpha=0.1, beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean",
-                         student_bias=None, teacher_bias=None, chunk_rows=None, backend="auto"):
+                         student_bias=None, teacher_bias=None, row_weights=None, chunk_rows=None, backend="auto"):
     """:func:`switchkd.kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against the teacher's,
     without materialising either model's ``[N, V]`` logits: rows are processed a chunk at a time, the matmuls in
     the inputs' dtype (bf16/fp16 tensor cores) with float32 accumulation of the LM-head gradients.
@@ -219,6 +222,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
         labels ``[...]``: positions equal to ``ignore_index`` are skipped (loss 0, no gradient).
         reduction: ``mean`` over kept positions, ``sum``, or ``none`` (float32 per-position losses, shape
             ``[...]``; backward then recomputes the chunks). Other arguments as ``kd_loss``.
+        row_weights ``[...]`` or None: with ``sum``/``mean``, each position's loss is weighted first (e.g.
+            ``1 / (response tokens * sequences)`` for a per-sequence mean in one call).
         chunk_rows: rows per chunk; default from V and the free memory (:func:`default_chunk_rows`).
 
     Example::
@@ -237,8 +242,15 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     lead_shape = student_hidden.shape[:-1]
+    if row_weights is not None:
+        if reduction == "none":
+            raise ValueError("row_weights needs reduction 'sum' or 'mean' (with 'none', weight the returned rows)")
+        if not isinstance(row_weights, torch.Tensor) or row_weights.shape != lead_shape:
+            raise ValueError(f"row_weights must be a tensor of shape {tuple(lead_shape)}")
+        wide = torch.promote_types(student_hidden.dtype, torch.float32)
+        row_weights = row_weights.detach().reshape(-1).to(device=student_hidden.device, dtype=wide)
     labels = None if labels is None else labels.reshape(-1).to(torch.int64)
-    opts = {"reduction": reduction, "chunk_rows": chunk_rows, "ignore_index": ignore_index,
+    opts = {"reduction": reduction, "chunk_rows": chunk_rows, "ignore_index": ignore_index, "row_weights": row_weights,
             "grad_enabled": torch.is_grad_enabled(),
             "backend": resolve_backend(student_hidden, backend),
             "loss_args": {"kind": canonical_kind(kind, beta), "alpha": alpha, "beta": beta,

@@ -26,13 +26,10 @@ def sequence_kd_loss(student_logits, teacher_logits, shifted_labels, **loss_args
 def sequence_linear_kd_loss(student_hidden, student_head, teacher_hidden, teacher_head, shifted_labels,
                             **loss_args) -> torch.Tensor:
     """The same loss from last hidden states ``[B, T, H]`` and LM-head weights, without ``[B, T, V]`` logits."""
-    tokens = response_tokens(shifted_labels)
-    per_sequence = [
-        fused_linear_kd_loss(student_hidden[b], student_head, teacher_hidden[b], teacher_head, shifted_labels[b],
-                             reduction="sum", **loss_args) / tokens[b]
-        for b in range(shifted_labels.shape[0])
-    ]
-    return torch.stack(per_sequence).mean()
+    batch, length = shifted_labels.shape
+    weights = (1.0 / (response_tokens(shifted_labels) * batch))[:, None].expand(batch, length)
+    return fused_linear_kd_loss(student_hidden, student_head, teacher_hidden, teacher_head, shifted_labels,
+                                reduction="sum", row_weights=weights, **loss_args)
 
 
 def sequence_cross_entropy(student_logits, shifted_labels) -> torch.Tensor:
