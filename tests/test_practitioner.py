@@ -295,3 +295,14 @@ def test_peft_config_trains_only_adapters(tmp_path):
     trainer.train()
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_text_rows_are_tokenised_like_a_trl_dataset(tmp_path):
+    chat = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
+            for r in REVERSE_ROWS]
+    tok = char_tokenizer()
+    trainer = SwitchKDTrainer(model=char_gpt2(1, 32, seed=2), teacher_model=char_gpt2(2, 64, seed=1),
+                              args=SwitchKDConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+                              train_dataset=chat, eval_dataset=REVERSE_ROWS, processing_class=tok)
+    assert isinstance(trainer.train_dataset, DistillDataset) and trainer.train_dataset.prompt_format == "chat"
+    assert trainer.eval_dataset.prompts[0] == REVERSE_ROWS[0]["prompt"]

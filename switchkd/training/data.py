@@ -183,6 +183,18 @@ def _example(row) -> Example:
     return Example(prompt, response, "chat" if isinstance(prompt, list) else "raw")
 
 
+def as_distill_dataset(data, tokenizer, name: str = "train_dataset"):
+    """``data`` when its items are already tokenised (``prompt_ids``), else ``DistillDataset(data, tokenizer)``."""
+    if data is None or isinstance(data, (DistillDataset, torch.utils.data.IterableDataset)):
+        return data
+    first = data[0] if len(data) else None
+    if isinstance(first, dict) and "prompt_ids" in first:
+        return data
+    if tokenizer is None:
+        raise ValueError(f"{name} holds text rows: pass processing_class (the tokenizer) to tokenise them")
+    return DistillDataset(data, tokenizer)
+
+
 class DistillCollator:
     """Keeps the token lists (the trainer builds its own batches) and the example indices."""
 

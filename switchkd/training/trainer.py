@@ -15,7 +15,7 @@ from ..decoding.generator import SwitchGenerator
 from ..ops.spec import SwitchPolicy
 from .checkpoints import check_output_dir, clear_marker, latest_complete, mark_complete, remove_previous_checkpoints
 from .config import SwitchKDConfig
-from .data import DistillCollator, pack_batch
+from .data import DistillCollator, as_distill_dataset, pack_batch
 from .losses import plain_lm_head, sequence_cross_entropy, sequence_kd_loss, sequence_linear_kd_loss
 from .models import (
     apply_peft,
@@ -42,6 +42,9 @@ class SwitchKDTrainer(Trainer):
     ``ce_weight`` times cross-entropy when the responses come from the data. Logs ``kd_loss``,
     ``gen_divergence`` (JSD at generated tokens, nats in [0, ln 2]) and ``teacher_share`` through the
     Trainer's logging; an ``eval_dataset`` is scored by the KD loss on its responses (``eval_loss``).
+
+    ``train_dataset``/``eval_dataset``: a :class:`DistillDataset`, or rows it accepts (e.g. a ``datasets.Dataset``
+    with a ``messages`` column), tokenised with ``processing_class``.
 
     TRL ``GKDTrainer`` names: ``model`` and ``teacher_model`` (``teacher=`` is the same) are models or
     paths/ids loaded with ``args.model_init_kwargs`` / ``args.teacher_model_init_kwargs``; ``peft_config``
@@ -79,6 +82,10 @@ class SwitchKDTrainer(Trainer):
                                              teacher_processing_class, args)
         if peft_config is not None:
             student = apply_peft(student, peft_config)
+        train_dataset = as_distill_dataset(train_dataset, kwargs["processing_class"], "train_dataset")
+        if kwargs.get("eval_dataset") is not None:
+            kwargs["eval_dataset"] = as_distill_dataset(kwargs["eval_dataset"], kwargs["processing_class"],
+                                                        "eval_dataset")
         super().__init__(model=student, args=args, train_dataset=train_dataset,
                          data_collator=data_collator or DistillCollator(), **kwargs)
         tokenizer = self.processing_class
