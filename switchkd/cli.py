@@ -116,7 +116,7 @@ def _flag(name: str) -> str:
 def _flags_named(message: str, names) -> str:
     """An error message with the field names a user never typed (``max_new_tokens``) as flags."""
     for name in sorted((n for n in names if "_" in n or n in ("tau0", "decay", "lmbda")), key=len, reverse=True):
-        message = re.sub(rf"(?<![\w\-]){re.escape(name)}(?![\w])", _flag(name), message)
+        message = re.sub(rf"(?<![\w\-/.]){re.escape(name)}(?![\w])", _flag(name), message)
     return message
 
 
