@@ -260,6 +260,7 @@ def cmd_generate(args: GenerateArguments):
 
 
 def cmd_eval(args: EvalArguments):
+    from . import __version__
     from .training.data import DistillDataset, read_jsonl, saved_prompt_format
     from .training.evaluate import DEFAULT_BUCKETS, evaluate, format_table, write_report
 
@@ -271,7 +272,8 @@ def cmd_eval(args: EvalArguments):
                       batch_size=args.batch_size, seed=args.seed)
     report["settings"] = {**dataclasses.asdict(args), "buckets": list(DEFAULT_BUCKETS), "rows": len(examples),
                           "dropped_rows": dataset.dropped, "prompt_format": dataset.prompt_format,
-                          "distilled_with_prompt_format": saved_prompt_format(args.model), "argv": sys.argv[1:]}
+                          "distilled_with_prompt_format": saved_prompt_format(args.model), "argv": sys.argv[1:],
+                          "switchkd_version": __version__}
     print(format_table(report))
     if args.out:
         write_report(report, args.out)
