@@ -2,37 +2,41 @@
 
     python benchmarks/quality.py --quick      # smoke run, a few minutes on a 2-core CPU
     python benchmarks/quality.py              # the full run (CPU, under an hour)
+    python benchmarks/quality.py --device cuda  # a larger scale on a GPU (teacher and student trained first)
 
-Pipeline, all offline: built-in tasks (switchkd.tasks) with their word-level tokenizer; a Llama-style
-teacher trained from scratch on them; a much smaller student, first fine-tuned briefly on the
-data (shared by every method), then trained by each method with the same steps, batch, optimiser
-and seeds. The SWITCH threshold (tau0, decay) is chosen on the validation split; every method is
-scored on the test split by ROUGE-L and exact match, overall and by reference length.
-Writes benchmarks/results/quality[-quick].json, a markdown table and a PNG plot.
+Pipeline, all offline: built-in tasks (benchmarks/tasks.py) with their word-level tokenizer; the
+teacher and the SFT student start shipped in benchmarks/assets/ (benchmarks/build_assets.py: a
+Llama-style 2x128 teacher and a 1x64 student, half its layers and width, fine-tuned on the data);
+each method then trains the student start with the same steps, batch, optimiser and seeds. The
+SWITCH threshold (tau0, decay) and loss are chosen on the validation split; every method is scored
+greedily on the test split by ROUGE-L and exact match, overall and by reference length, and
+compared with SWITCH by paired differences (same prompts, same seeds) with 95% bootstrap intervals.
+Writes benchmarks/results/quality[-quick].json, a markdown report and a PNG plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import multiprocessing
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import quality_report
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from build_assets import ASSETS, datasets, tiny_llama, train
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from switchkd import SwitchKDConfig, SwitchKDTrainer
 from switchkd.ops.spec import DEFAULT_DECAY, DEFAULT_TAU0
-from switchkd.training.data import DistillDataset, pad_sequences
-from switchkd.training.evaluate import evaluate, write_report
+from switchkd.training.evaluate import generate_responses, rouge_l, write_report
 
 from harness import device_name, git_commit, versions
-from tasks import build_tokenizer, make_splits
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BUCKETS = (32, 96, 192)
 
 # method: SwitchKDConfig overrides (equal budget; the policy values of switch methods come from the sweep)
 METHODS = {
@@ -47,213 +51,192 @@ METHODS = {
     "SWITCH-constant": {"source": "switch", "policy": "constant", "loss_kind": "srkl"},
 }
 
-# sweep: (tau0, decay) tried with srkl; sweep_losses: other loss kinds tried at the best (tau0, decay)
-QUICK = {"rows": (240, 24, 36), "teacher": (2, 64), "student": (1, 32), "teacher_steps": 250, "sft_steps": 40,
-         "steps": 12, "batch": 8, "max_new": 96, "seeds": [0], "sweep": [(0.2, 0.01)], "sweep_losses": ["jsd"]}
-FULL = {"rows": (4000, 120, 240), "teacher": (4, 128), "student": (2, 64), "teacher_steps": 3500, "sft_steps": 1000,
-        "steps": 50, "batch": 8, "max_new": 300, "seeds": [0, 1, 2],
-        "sweep": [(0.1, 0.005), (0.3, 0.005), (0.3, 0.02)], "sweep_losses": ["fkl", "jsd"]}
+# sweep: (tau0, decay) tried with srkl; sweep_losses: other loss kinds tried at the best (tau0, decay).
+# validation/test: how many rows of those splits are scored (None = all).
+FULL = {"steps": 40, "batch": 8, "lr": 5e-4, "max_new": 288, "seeds": [0, 1, 2, 3, 4], "validation": 60,
+        "test": None, "sweep": [(0.1, 0.005), (0.3, 0.01), (0.3, 0.03)], "sweep_losses": ["fkl"]}
+QUICK = {"steps": 3, "batch": 4, "lr": 5e-4, "max_new": 64, "seeds": [0], "validation": 8, "test": 24,
+         "sweep": [(0.3, 0.01)], "sweep_losses": []}
+# --device cuda: teacher and student start trained in the run, larger and longer (not run on this CPU yet)
+GPU = {**FULL, "teacher": (4, 256), "student": (2, 128), "teacher_steps": 6000, "sft_steps": 1500,
+       "steps": 200, "batch": 16, "seeds": [0, 1, 2, 3, 4], "validation": None}
 
 
-def tiny_llama(layers: int, width: int, vocab: int, seed: int):
-    """A small Llama-style model. Rotary positions matter here: GPT-2 models of this size, with learned
-    absolute positions, did not learn to copy from the prompt within the CPU budget (RESULTS.md)."""
-    torch.manual_seed(seed)
-    heads = max(2, width // 32)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width,
-                                        num_hidden_layers=layers, num_attention_heads=heads,
-                                        num_key_value_heads=heads, max_position_embeddings=1024,
-                                        tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=0))
+def load_models(cfg, tokenizer, data, device, assets=ASSETS):
+    """The shipped teacher and SFT student start, or (cfg has "teacher") both trained here on ``device``."""
+    if "teacher" not in cfg:
+        teacher = LlamaForCausalLM.from_pretrained(assets / "teacher")
+        student = LlamaForCausalLM.from_pretrained(assets / "student")
+        return teacher.to(device).eval(), student.to(device)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    teacher = tiny_llama(*cfg["teacher"], len(tokenizer)).to(device)
+    train(teacher, data["train"], cfg["teacher_steps"], 3e-3, 32, log, device=device)
+    student = tiny_llama(*cfg["student"], len(tokenizer)).to(device)
+    train(student, data["train"], cfg["sft_steps"], 3e-3, 32, log, device=device)
+    return teacher.eval(), student
 
 
-class SupervisedCollator:
-    def __init__(self, pad: int):
-        self.pad = pad
-
-    def __call__(self, features):
-        input_ids, mask, labels = pad_sequences([f["prompt_ids"] for f in features],
-                                                [f["response_ids"] for f in features], self.pad, "cpu")
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def train_supervised(model, dataset, steps, batch, lr, out, seed):
-    """Plain cross-entropy on responses with transformers.Trainer (the teacher, the shared student start);
-    batches of similar length waste little on padding."""
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
-                             learning_rate=lr, warmup_steps=steps // 10, lr_scheduler_type="cosine", seed=seed,
-                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=50,
-                             remove_unused_columns=False, train_sampling_strategy="group_by_length")
-    rows = [{**item, "input_ids": item["prompt_ids"] + item["response_ids"]} for item in dataset.items]  # lengths
-    Trainer(model=model, args=args, train_dataset=rows, data_collator=SupervisedCollator(0)).train()
-    return model
-
-
-def distil(method, overrides, teacher, student_state, cfg, data, tokenizer, seed, out):
-    student = tiny_llama(*cfg["student"], len(tokenizer), seed=0)
-    student.load_state_dict(student_state)
+def distil(overrides, teacher, start, cfg, data, tokenizer, seed, out, device):
+    """Train a copy of the student start by one method; (student, train seconds, mean teacher share)."""
+    student = copy.deepcopy(start)
     args = SwitchKDConfig(output_dir=str(out), max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
-                          learning_rate=1e-3, warmup_steps=cfg["steps"] // 10, seed=seed, save_strategy="no",
-                          report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1,
+                          learning_rate=cfg["lr"], warmup_steps=cfg["steps"] // 10, seed=seed, save_strategy="no",
+                          report_to=[], use_cpu=device == "cpu", disable_tqdm=True, logging_steps=1,
                           max_new_tokens=cfg["max_new"], adaptive_warmup_ratio=0.3, **overrides)
     trainer = SwitchKDTrainer(model=student, teacher=teacher, args=args, train_dataset=data["train"],
                               processing_class=tokenizer)
-    start = time.perf_counter()
+    start_time = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start_time
     shares = [h["teacher_share"] for h in trainer.state.log_history if "teacher_share" in h]
-    return student, seconds, (statistics.mean(shares) if shares else None)
+    return student.eval(), seconds, (statistics.mean(shares) if shares else None)
 
 
-def score(model, tokenizer, dataset, cfg):
-    report = evaluate(model, tokenizer, dataset, max_new_tokens=cfg["max_new"] + 8, batch_size=32, buckets=BUCKETS,
-                      progress=False)
-    report.pop("predictions")
-    return report
+def score_rows(model, tokenizer, dataset, cfg):
+    """Greedy responses to every prompt of ``dataset``; per-prompt ROUGE-L F and exact match."""
+    prompts = [item["prompt_ids"] for item in dataset.items]
+    responses = generate_responses(model, tokenizer, prompts, max_new_tokens=cfg["max_new"] + 8, batch_size=48,
+                                   progress=False)
+    predictions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    pairs = list(zip(predictions, dataset.references, strict=True))
+    return {"rougeL": [round(rouge_l(p, [r]), 5) for p, r in pairs], "exact": [float(p.strip() == r.strip())
+                                                                               for p, r in pairs]}
 
 
-def summarise(runs):
-    """mean and population spread over seeds of every score."""
-
-    def stats(values):
-        values = [v for v in values if v == v]
-        return {"mean": statistics.mean(values) if values else float("nan"),
-                "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
-
-    first = runs[0]["scores"]
-    return {
-        "rougeL": stats([r["scores"]["overall"]["rougeL"] for r in runs]),
-        "exact_match": stats([r["scores"]["overall"]["exact_match"] for r in runs]),
-        "by_length": {b: stats([r["scores"]["by_length"][b]["rougeL"] for r in runs]) for b in first["by_length"]},
-        "teacher_share": stats([r["teacher_share"] for r in runs if r["teacher_share"] is not None]),
-        "seconds": stats([r["seconds"] for r in runs]),
-    }
+def subset(dataset, n):
+    if n is not None:
+        dataset.items, dataset.references = dataset.items[:n], dataset.references[:n]
+    return dataset
 
 
-def markdown(report) -> str:
-    buckets = list(next(iter(report["methods"].values()))["by_length"])
-    head = ["method", "ROUGE-L", "exact", *[f"R-L {b}" for b in buckets], "teacher share", "train s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-
-    def fmt(s, scale=100):
-        return f"{scale * s['mean']:.1f} ± {scale * s['std']:.1f}" if s["mean"] == s["mean"] else "-"
-
-    for name, m in report["methods"].items():
-        cells = [name, fmt(m["rougeL"]), fmt(m["exact_match"]), *[fmt(m["by_length"][b]) for b in buckets],
-                 fmt(m["teacher_share"], 1) if m["teacher_share"]["mean"] == m["teacher_share"]["mean"] else "-",
-                 f"{m['seconds']['mean']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    teacher = report["teacher"]
-    overall = teacher["overall"]
-    lines.append(f"| teacher | {100 * overall['rougeL']:.1f} | {100 * overall['exact_match']:.1f} | "
-                 + " | ".join(f"{100 * teacher['by_length'][b]['rougeL']:.1f}" for b in buckets) + " | - | - |")
-    if report["sweep"]:
-        lines += ["", "Validation sweep of SWITCH (seed 0):", "",
-                  "| tau0 | decay | loss | val ROUGE-L | teacher share |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {t['tau0']} | {t['decay']} | {t['loss_kind']} | {100 * t['validation_rougeL']:.1f} | "
-                  f"{t['teacher_share']:.2f} |" for t in report["sweep"]]
-    return "\n".join(lines)
+def sweep(cfg, run_all):
+    """SWITCH's (tau0, decay) with srkl, then the other loss kinds at the best point, by validation ROUGE-L."""
+    loss_kind = METHODS["SWITCH"]["loss_kind"]
+    trials = run_all([(tau0, decay, loss_kind) for tau0, decay in cfg["sweep"]])
+    defaults = {"tau0": DEFAULT_TAU0, "decay": DEFAULT_DECAY, "loss_kind": loss_kind}  # with --no-sweep
+    best = max(trials, key=lambda t: t["validation_rougeL"], default=defaults)
+    trials += run_all([(best["tau0"], best["decay"], kind) for kind in cfg["sweep_losses"]])
+    return trials, max(trials, key=lambda t: t["validation_rougeL"], default=best)
 
 
-def plot(report, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    buckets = list(next(iter(report["methods"].values()))["by_length"])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, m in report["methods"].items():
-        means = [100 * m["by_length"][b]["mean"] for b in buckets]
-        ax.plot(buckets, means, marker="o", label=name, linewidth=2.5 if name == "SWITCH" else 1.2)
-    ax.set_xlabel("reference length (tokens)")
-    ax.set_ylabel("ROUGE-L F (test)")
-    ax.set_title("Student quality by output length")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+_CONTEXT = {}  # models, data and config of the run; set before the worker processes fork
 
 
-def main(argv=None):
+def _trial(params):
+    c, (tau0, decay, loss_kind) = _CONTEXT, params
+    overrides = {**METHODS["SWITCH"], "tau0": tau0, "decay": decay, "loss_kind": loss_kind}
+    student, _, share = distil(overrides, c["teacher"], c["start"], c["cfg"], c["data"], c["tokenizer"], 0,
+                               c["work"] / "sweep", c["device"])
+    rows = score_rows(student, c["tokenizer"], c["data"]["validation"], c["cfg"])["rougeL"]
+    val = sum(rows) / len(rows)
+    log(f"sweep tau0={tau0} decay={decay} {loss_kind}: validation ROUGE-L {100 * val:.1f}, share {share}")
+    return {"tau0": tau0, "decay": decay, "loss_kind": loss_kind, "validation_rougeL": val, "teacher_share": share}
+
+
+def _method_run(job):
+    c, (name, seed, overrides) = _CONTEXT, job
+    student, seconds, share = distil(overrides, c["teacher"], c["start"], c["cfg"], c["data"], c["tokenizer"], seed,
+                                     c["work"] / name, c["device"])
+    rows = score_rows(student, c["tokenizer"], c["data"]["test"], c["cfg"])
+    run = {"seed": seed, "seconds": seconds, "teacher_share": share, "rows": rows,
+           "scores": quality_report.scores(rows, c["lengths"])}
+    log(f"{name} seed {seed}: test ROUGE-L {100 * run['scores']['overall']['rougeL']:.1f}, train {seconds:.0f} s")
+    return name, run
+
+
+def _map(fn, items, jobs):
+    """``[fn(item) ...]``, in ``jobs`` forked worker processes (one torch thread each) when jobs > 1."""
+    if jobs <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with multiprocessing.get_context("fork").Pool(min(jobs, len(items))) as pool:
+        return pool.map(fn, items, chunksize=1)
+
+
+def method_overrides(name, best, cfg):
+    overrides = dict(METHODS[name])
+    if overrides.get("source") == "switch" and overrides["policy"] != "topk":
+        decay = best["decay"] if overrides["policy"] == "exp" else best["tau0"] / cfg["max_new"]
+        overrides.update(tau0=best["tau0"], decay=decay, loss_kind=best["loss_kind"])
+    return overrides
+
+
+def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run (minutes)")
+    parser.add_argument("--device", default="cpu", help="cpu (shipped assets) or cuda (larger models trained here)")
+    parser.add_argument("--assets", type=Path, default=ASSETS, help="teacher, student and tokenizer folders")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes on a CPU (one torch thread each)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=None, help="report JSON path")
     parser.add_argument("--steps", type=int, default=None, help="distillation steps per method (overrides the mode)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (overrides the mode)")
+    parser.add_argument("--sweep", type=float, nargs="+", default=None, metavar="TAU0 DECAY",
+                        help="(tau0, decay) pairs of the sweep (overrides the mode)")
     parser.add_argument("--no-sweep", action="store_true",
                         help="skip the validation sweep: SWITCH uses the library's policy defaults and srkl")
     args = parser.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.steps is not None:
-        cfg["steps"] = args.steps
-    if args.seeds is not None:
-        cfg["seeds"] = args.seeds
+    mode = "quick" if args.quick else ("gpu" if args.device.startswith("cuda") else "full")
+    cfg = dict({"quick": QUICK, "full": FULL, "gpu": GPU}[mode])
+    cfg.update({k: v for k, v in (("steps", args.steps), ("seeds", args.seeds)) if v is not None})
+    if args.sweep is not None:
+        if len(args.sweep) % 2:
+            raise ValueError("--sweep takes (tau0, decay) pairs")
+        cfg["sweep"] = list(zip(args.sweep[::2], args.sweep[1::2], strict=True))
     if args.no_sweep:
         cfg.update(sweep=[], sweep_losses=[])
-    work = RESULTS / ("quality-quick-work" if args.quick else "quality-work")
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(work / "tokenizer")  # Hugging Face format, for `switchkd eval` on the saved models
-    splits = make_splits(*cfg["rows"], seed=1234)
-    data = {name: DistillDataset([(r["prompt"], r["response"]) for r in rows], tokenizer, max_prompt_tokens=200,
-                                 max_length=520) for name, rows in splits.items()}
-    started = time.perf_counter()
+    return args, mode, cfg
 
-    vocab = len(tokenizer)
-    teacher = train_supervised(tiny_llama(*cfg["teacher"], vocab, seed=0), data["train"], cfg["teacher_steps"], 16,
-                               3e-3, work / "teacher", seed=0).eval()
-    teacher_scores = score(teacher, tokenizer, data["test"], cfg)
-    print(f"teacher test ROUGE-L {100 * teacher_scores['overall']['rougeL']:.1f} "
-          f"({time.perf_counter() - started:.0f} s)", flush=True)
-    student_start = train_supervised(tiny_llama(*cfg["student"], vocab, seed=0), data["train"], cfg["sft_steps"], 16,
-                                     3e-3, work / "student-sft", seed=0).state_dict()
 
-    def trial(tau0, decay, loss_kind):
-        overrides = {**METHODS["SWITCH"], "tau0": tau0, "decay": decay, "loss_kind": loss_kind}
-        student, _, share = distil("SWITCH", overrides, teacher, student_start, cfg, data, tokenizer, 0, work / "sweep")
-        val = score(student, tokenizer, data["validation"], cfg)["overall"]["rougeL"]
-        print(f"sweep tau0={tau0} decay={decay} {loss_kind}: validation ROUGE-L {100 * val:.1f}, share {share}",
-              flush=True)
-        return {"tau0": tau0, "decay": decay, "loss_kind": loss_kind, "validation_rougeL": val, "teacher_share": share}
+def main(argv=None):
+    args, mode, cfg = parse(argv)
+    device, jobs = args.device, args.jobs if args.device == "cpu" else 1
+    if device == "cpu":
+        torch.set_num_threads(1)  # the CPU is shared; one thread was far faster than two under load
+    tokenizer = AutoTokenizer.from_pretrained(args.assets / "tokenizer")
+    data = datasets(tokenizer)
+    subset(data["validation"], cfg["validation"])
+    subset(data["test"], cfg["test"])
+    lengths = [len(item["response_ids"]) - 1 for item in data["test"].items]  # EOS excluded
+    _CONTEXT.update(started=time.perf_counter(), cfg=cfg, data=data, tokenizer=tokenizer, lengths=lengths,
+                    device=device, work=RESULTS / f"quality-{mode}-work")
+    teacher, start = load_models(cfg, tokenizer, data, device, args.assets)
+    _CONTEXT.update(teacher=teacher, start=start)
+    teacher_rows = score_rows(teacher, tokenizer, data["test"], cfg)
+    teacher_scores = quality_report.scores(teacher_rows, lengths)
+    log(f"teacher test ROUGE-L {100 * teacher_scores['overall']['rougeL']:.1f}")
+    trials, best = sweep(cfg, lambda params: _map(_trial, params, jobs))
+    todo = [(name, seed, method_overrides(name, best, cfg)) for name in args.methods for seed in cfg["seeds"]]
+    todo.sort(key=lambda job: job[2]["source"] == "dataset")  # the slow (generating) methods first
+    done = _map(_method_run, todo, jobs)
+    runs = {name: sorted((run for n, run in done if n == name), key=lambda r: r["seed"]) for name in args.methods}
+    return finish(args, mode, cfg, device, trials, best, teacher_rows, teacher_scores, runs, lengths,
+                  _CONTEXT["started"], argv)
 
-    def best_of(trials, default):
-        return max(trials, key=lambda t: t["validation_rougeL"], default=default)
 
-    loss_kind = METHODS["SWITCH"]["loss_kind"]
-    sweep = [trial(tau0, decay, loss_kind) for tau0, decay in cfg["sweep"]]
-    defaults = {"tau0": DEFAULT_TAU0, "decay": DEFAULT_DECAY, "loss_kind": loss_kind}  # used with --no-sweep
-    best = best_of(sweep, defaults)
-    sweep += [trial(best["tau0"], best["decay"], kind) for kind in cfg["sweep_losses"]]
-    best = best_of(sweep, best)
+def log(line):
+    print(f"{line} ({time.perf_counter() - _CONTEXT['started']:.0f} s)", flush=True)
 
-    methods = {}
-    for name in args.methods:
-        overrides = dict(METHODS[name])
-        if overrides.get("source") == "switch" and overrides["policy"] != "topk":
-            decay = best["decay"] if overrides["policy"] == "exp" else best["tau0"] / cfg["max_new"]
-            overrides.update(tau0=best["tau0"], decay=decay, loss_kind=best["loss_kind"])
-        runs = []
-        for seed in cfg["seeds"]:
-            student, seconds, share = distil(name, overrides, teacher, student_start, cfg, data, tokenizer, seed,
-                                             work / name)
-            runs.append({"seed": seed, "seconds": seconds, "teacher_share": share,
-                         "scores": score(student, tokenizer, data["test"], cfg)})
-        methods[name] = summarise(runs)
-        print(f"{name}: test ROUGE-L {100 * methods[name]['rougeL']['mean']:.1f} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
 
-    report = {"mode": "quick" if args.quick else "full", "config": cfg, "sweep": sweep, "chosen": best,
-              "teacher": teacher_scores, "methods": methods, "wall_seconds": time.perf_counter() - started,
+def finish(args, mode, cfg, device, trials, best, teacher_rows, teacher_scores, runs, lengths, started, argv):
+    """Statistics, verdicts, and the JSON, markdown and PNG files."""
+    methods = {name: quality_report.summarise(method_runs) for name, method_runs in runs.items()}
+    paired = {name: quality_report.paired(runs["SWITCH"], method_runs, lengths)
+              for name, method_runs in runs.items() if name != "SWITCH" and "SWITCH" in runs}
+    report = {"mode": mode, "config": cfg, "sweep": trials, "chosen": best, "teacher": teacher_scores,
+              "methods": methods, "paired": paired, "wall_seconds": time.perf_counter() - started,
               "command": " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": device_name("cpu"), "commit": git_commit(), **versions()}
-    out = args.out or RESULTS / ("quality-quick.json" if args.quick else "quality.json")
+              "device": device_name(device), "commit": git_commit(), **versions()}
+    report["regime"] = quality_report.regime(report)
+    report["claims"] = quality_report.claims(report)
+    report["test_reference_lengths"] = lengths
+    report["rows"] = {"teacher": teacher_rows, **{name: {r["seed"]: r["rows"] for r in method_runs}
+                                                  for name, method_runs in runs.items()}}
+    out = args.out or RESULTS / ("quality-quick.json" if mode == "quick" else f"quality{'-gpu' * (mode == 'gpu')}.json")
     write_report(report, out)
-    table = markdown(report)
+    table = quality_report.markdown(report)
     out.with_suffix(".md").write_text(table + "\n")
-    png = plot(report, out.with_suffix(".png"))
+    png = quality_report.plot(report, runs, teacher_rows, lengths, out.with_suffix(".png"))
     print(table)
     print(f"wrote {out}, {out.with_suffix('.md')}" + (f", {png}" if png else ""))
     return report

@@ -1,8 +1,12 @@
 """Built-in instruction tasks with deterministic references, for benchmarks that must run offline.
 
-Responses range from about 5 to about 300 tokens of the word-level tokenizer (a word, a number,
-a letter, a space or a punctuation mark is one token). Every task is a pure function of a random
+Responses range from 1 to 279 tokens of the word-level tokenizer (a word, a number, a letter, a
+space or a punctuation mark is one token; 5-279 in the quality benchmark's test split). Every task is a pure function of a random
 generator, and splits are drawn from one seed.
+
+The long tasks count down to 1, so the place to stop is a local signal (the item that holds 1)
+that a small model learns; an earlier set (count a to b, repeat k times, reverse, sort) left
+stopping or the content out of reach of a teacher trained on a CPU (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -14,19 +18,18 @@ WORDS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean",
          "garden", "silver", "window", "yellow", "dragon", "planet", "shadow", "winter", "button", "kernel", "tensor",
          "bridge", "castle", "pepper", "violet", "summer", "marble", "copper", "falcon", "meadow", "harbor")
 NAMES = ("Ada", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena")
-KEYWORDS = ("count", "to", "repeat", "spell", "reverse", "sort", "list", "for")
+KEYWORDS = ("count", "down", "from", "by", "to", "repeat", "spell", "list", "for")
 MAX_NUMBER = 300
 
 
 def _count(rng):
-    a = rng.randint(0, 150)
-    b = a + rng.randint(2, 120)
-    return f"count {a} to {b}", " ".join(str(i) for i in range(a, b + 1))
+    start, step = rng.randint(2, 140), rng.randint(1, 2)
+    return f"count down from {start} by {step}", " ".join(str(i) for i in range(start, 0, -step))
 
 
 def _repeat(rng):
-    word, k = rng.choice(WORDS), rng.randint(2, 120)
-    return f"repeat {k}: {word}", " ".join([word] * k)
+    word, k = rng.choice(WORDS), rng.randint(2, 70)
+    return f"repeat {k}: {word}", " ".join(f"{word} {i}" for i in range(k, 0, -1))
 
 
 def _spell(rng):
@@ -34,45 +37,41 @@ def _spell(rng):
     return "spell " + " ".join(words), " ".join("-".join(w) for w in words)
 
 
-def _reverse(rng):
-    words = rng.choices(WORDS, k=rng.randint(2, 40))
-    return "reverse " + " ".join(words), " ".join(reversed(words))
-
-
-def _sort(rng):
-    digits = [rng.choice(string.digits) for _ in range(rng.randint(3, 100))]
-    return "sort " + " ".join(digits), " ".join(sorted(digits))
-
-
 def _template(rng):
     name, thing, k = rng.choice(NAMES), rng.choice(WORDS), rng.randint(1, 30)
-    return f"list {k} {thing} for {name}", " ".join(f"{thing} {i} for {name}." for i in range(1, k + 1))
+    return f"list {k} {thing} for {name}", " ".join(f"{thing} {i} for {name}." for i in range(k, 0, -1))
 
 
-TASKS = {"count": _count, "repeat": _repeat, "spell": _spell, "reverse": _reverse, "sort": _sort,
-         "template": _template}
+TASKS = {"count": _count, "repeat": _repeat, "spell": _spell, "template": _template}
 
 
-def make_splits(n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, list[dict]]:
-    """Disjoint train/validation/test rows ``{"prompt", "response", "task"}``, tasks in equal shares."""
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    names = sorted(TASKS)
-    total = n_train + n_val + n_test
-    for _ in range(100 * total):
-        if len(rows) == total:
-            break
+def _draw(rng, n, names, exclude, distinct):
+    rows, seen = [], set(exclude)
+    for _ in range(100 * n + 100):
+        if len(rows) == n:
+            return rows
         task = names[len(rows) % len(names)]
         prompt, response = TASKS[task](rng)
-        if prompt in seen:
+        if prompt in exclude or (distinct and prompt in seen):
             continue
         seen.add(prompt)
         rows.append({"prompt": prompt + "\n", "response": response, "task": task})
-    if len(rows) < total:
-        raise ValueError(f"cannot draw {total} distinct rows from the built-in tasks")
-    rng.shuffle(rows)
-    return {"train": rows[:n_train], "validation": rows[n_train : n_train + n_val],
-            "test": rows[n_train + n_val :]}
+    raise ValueError(f"cannot draw {n} distinct rows from the built-in tasks")
+
+
+def make_splits(n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, list[dict]]:
+    """Train/validation/test rows ``{"prompt", "response", "task"}``, tasks in equal shares (±1).
+
+    No prompt is in two splits, and validation and test prompts are distinct; train rows may repeat
+    a prompt (count has only 278 prompts), as a training stream drawn from the task would.
+    """
+    rng = random.Random(seed)
+    names = sorted(TASKS)
+    held_out = _draw(rng, n_val + n_test, names, set(), distinct=True)
+    train = _draw(rng, n_train, names, {r["prompt"][:-1] for r in held_out}, distinct=False)
+    rng.shuffle(held_out)
+    rng.shuffle(train)
+    return {"train": train, "validation": held_out[:n_val], "test": held_out[n_val:]}
 
 
 def build_tokenizer(level: str = "word"):

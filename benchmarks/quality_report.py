@@ -1,0 +1,252 @@
+"""Statistics, verdicts, table and plot of benchmarks/quality.py.
+
+Paired differences: for every test prompt and seed, SWITCH's score minus the method's (the same
+prompt, the same seed of distillation), averaged; 95% intervals by a bootstrap that resamples
+prompts and seeds independently (percentile method).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+
+BUCKETS = (32, 96, 192)
+PLOT_EDGES = (0, 16, 32, 64, 96, 128, 160, 192, 240, 300)
+N_BOOT = 2000
+BASELINES = ("SFT", "KD", "SeqKD", "GKD", "DistiLLM", "SKD")
+ABLATIONS = ("SWITCH-linear", "SWITCH-constant")
+
+
+def bucket(length: int, edges=BUCKETS) -> str:
+    low = 0
+    for edge in edges:
+        if length < edge:
+            return f"{low}-{edge - 1}"
+        low = edge
+    return f"{low}+"
+
+
+def bucket_names(edges=BUCKETS):
+    return [bucket(edge - 1, edges) for edge in edges] + [bucket(edges[-1], edges)]
+
+
+def _stats(values):
+    values = [v for v in values if v is not None and v == v]
+    return {"mean": statistics.mean(values) if values else float("nan"),
+            "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+
+
+def _mean(values, mask):
+    chosen = [v for v, m in zip(values, mask, strict=True) if m]
+    return sum(chosen) / len(chosen) if chosen else float("nan")
+
+
+def scores(rows, lengths):
+    """Mean ROUGE-L and exact match of one run's per-prompt rows, overall and by reference length."""
+    out = {"overall": {"n": len(lengths), "rougeL": _mean(rows["rougeL"], [True] * len(lengths)),
+                       "exact_match": _mean(rows["exact"], [True] * len(lengths))}, "by_length": {}}
+    for name in bucket_names():
+        mask = [bucket(n) == name for n in lengths]
+        out["by_length"][name] = {"n": sum(mask), "rougeL": _mean(rows["rougeL"], mask),
+                                  "exact_match": _mean(rows["exact"], mask)}
+    return out
+
+
+def summarise(runs):
+    """Mean and population spread over seeds of every score of one method."""
+    first = runs[0]["scores"]
+    return {
+        "rougeL": _stats([r["scores"]["overall"]["rougeL"] for r in runs]),
+        "exact_match": _stats([r["scores"]["overall"]["exact_match"] for r in runs]),
+        "by_length": {b: _stats([r["scores"]["by_length"][b]["rougeL"] for r in runs]) for b in first["by_length"]},
+        "teacher_share": _stats([r["teacher_share"] for r in runs]),
+        "seconds": _stats([r["seconds"] for r in runs]),
+    }
+
+
+def _interval(means, diff):
+    return {"mean": float(diff.mean()), "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5))}
+
+
+def bootstrap(diff, rng):
+    """Mean of ``diff`` [seeds, prompts] with a 95% interval over resampled seeds and prompts."""
+    n_seeds, n_prompts = diff.shape
+    s = rng.integers(0, n_seeds, (N_BOOT, n_seeds))
+    p = rng.integers(0, n_prompts, (N_BOOT, n_prompts))
+    return {**_interval(diff[s[:, :, None], p[:, None, :]].mean(axis=(1, 2)), diff), "n_prompts": n_prompts,
+            "n_seeds": n_seeds}
+
+
+def bootstrap_gap(long, short, rng):
+    """(mean of ``long``) - (mean of ``short``), both [seeds, prompts of a bucket], seeds resampled jointly."""
+    n_seeds = long.shape[0]
+    s = rng.integers(0, n_seeds, (N_BOOT, n_seeds))
+    pl = rng.integers(0, long.shape[1], (N_BOOT, long.shape[1]))
+    ps = rng.integers(0, short.shape[1], (N_BOOT, short.shape[1]))
+    means = long[s[:, :, None], pl[:, None, :]].mean(axis=(1, 2)) - short[s[:, :, None], ps[:, None, :]].mean(
+        axis=(1, 2))
+    return {"mean": float(long.mean() - short.mean()), "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5))}
+
+
+def paired(switch_runs, runs, lengths, seed=0):
+    """SWITCH minus ``runs`` (same seeds, same prompts): ROUGE-L and exact match overall, ROUGE-L by
+    bucket, and the longest-minus-shortest bucket gap of the ROUGE-L difference."""
+    rng = np.random.default_rng(seed)
+    by_seed = {r["seed"]: r["rows"] for r in runs}
+    seeds = [r["seed"] for r in switch_runs if r["seed"] in by_seed]
+    diff = {key: np.array([[a - b for a, b in zip(r["rows"][key], by_seed[r["seed"]][key], strict=True)]
+                           for r in switch_runs if r["seed"] in by_seed]) for key in ("rougeL", "exact")}
+    names = np.array([bucket(n) for n in lengths])
+    out = {"seeds": seeds, "rougeL": bootstrap(diff["rougeL"], rng), "exact_match": bootstrap(diff["exact"], rng),
+           "by_length": {}}
+    for name in bucket_names():
+        if (names == name).any():
+            out["by_length"][name] = bootstrap(diff["rougeL"][:, names == name], rng)
+    first, last = bucket_names()[0], bucket_names()[-1]
+    if (names == first).any() and (names == last).any():
+        out["long_minus_short"] = bootstrap_gap(diff["rougeL"][:, names == last], diff["rougeL"][:, names == first],
+                                                rng)
+    return out
+
+
+def _verdict(ci):
+    if ci["low"] > 0:
+        return "supported"
+    if ci["high"] < 0:
+        return "contradicted"
+    return "not resolved"
+
+
+def _fmt_ci(ci, scale=100):
+    return f"{scale * ci['mean']:+.1f} [{scale * ci['low']:+.1f}, {scale * ci['high']:+.1f}]"
+
+
+def regime(report):
+    """The checks that the run is in the paper's regime (teacher right, SFT student close but below it)."""
+    teacher, sft = report["teacher"], report["methods"].get("SFT")
+    last = bucket_names()[-1]
+    checks = [("teacher exact match >= 0.5", teacher["overall"]["exact_match"] >= 0.5,
+               f"{100 * teacher['overall']['exact_match']:.1f}%")]
+    if sft is not None:
+        ratio = sft["rougeL"]["mean"] / teacher["overall"]["rougeL"]
+        checks += [("SFT ROUGE-L >= 0.6 x teacher's", ratio >= 0.6, f"{ratio:.2f} x"),
+                   ("SFT below the teacher on exact match", sft["exact_match"]["mean"] < teacher["overall"][
+                       "exact_match"], f"{100 * sft['exact_match']['mean']:.1f} vs "
+                                       f"{100 * teacher['overall']['exact_match']:.1f}"),
+                   (f"SFT below the teacher on ROUGE-L {last}", sft["by_length"][last]["mean"] < teacher[
+                       "by_length"][last]["rougeL"], f"{100 * sft['by_length'][last]['mean']:.1f} vs "
+                                                    f"{100 * teacher['by_length'][last]['rougeL']:.1f}")]
+    return [{"check": c, "holds": bool(h), "value": v} for c, h, v in checks]
+
+
+def claims(report):
+    """One verdict per claim: supported (interval above 0), contradicted (below 0) or not resolved."""
+    out, last = [], bucket_names()[-1]
+    for name, cmp in report["paired"].items():
+        kind = "ablation" if name in ABLATIONS else "baseline"
+        out.append({"claim": f"SWITCH beats {name} on ROUGE-L", "kind": kind, **_claim(cmp["rougeL"])})
+        if last in cmp["by_length"]:
+            out.append({"claim": f"SWITCH beats {name} on ROUGE-L for references of {last} tokens", "kind": kind,
+                        **_claim(cmp["by_length"][last])})
+        if "long_minus_short" in cmp:
+            out.append({"claim": f"SWITCH's ROUGE-L gain over {name} grows with reference length "
+                                 f"({last} minus {bucket_names()[0]})", "kind": kind,
+                        **_claim(cmp["long_minus_short"])})
+    return out
+
+
+def _claim(ci):
+    return {"verdict": _verdict(ci), "difference": _fmt_ci(ci)}
+
+
+def markdown(report) -> str:
+    buckets = bucket_names()
+    head = ["method", "ROUGE-L", "exact", *[f"R-L {b}" for b in buckets], "teacher share", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def fmt(s, scale=100):
+        return f"{scale * s['mean']:.1f} ± {scale * s['std']:.1f}" if s["mean"] == s["mean"] else "-"
+
+    for name, m in report["methods"].items():
+        cells = [name, fmt(m["rougeL"]), fmt(m["exact_match"]), *[fmt(m["by_length"][b]) for b in buckets],
+                 fmt(m["teacher_share"], 1), f"{m['seconds']['mean']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    teacher = report["teacher"]
+    lines.append(f"| teacher | {100 * teacher['overall']['rougeL']:.1f} | {100 * teacher['overall']['exact_match']:.1f}"
+                 " | " + " | ".join(f"{100 * teacher['by_length'][b]['rougeL']:.1f}" for b in buckets) + " | - | - |")
+    counts = " | ".join(str(teacher["by_length"][b]["n"]) for b in buckets)
+    lines.append(f"| test prompts |  |  | {counts} |  |  |")
+    return "\n".join(lines + _paired_table(report) + _verdicts(report) + _sweep_table(report))
+
+
+def _paired_table(report):
+    if not report["paired"]:
+        return []
+    buckets = bucket_names()
+    head = ["SWITCH minus", "ROUGE-L", "exact", *[f"R-L {b}" for b in buckets], f"gap {buckets[-1]} − {buckets[0]}"]
+    lines = ["", "Paired differences, SWITCH minus each method (points; mean [95% bootstrap interval] over test "
+                 "prompts and seeds):", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, cmp in report["paired"].items():
+        cells = [name, _fmt_ci(cmp["rougeL"]), _fmt_ci(cmp["exact_match"]),
+                 *[_fmt_ci(cmp["by_length"][b]) if b in cmp["by_length"] else "-" for b in buckets],
+                 _fmt_ci(cmp["long_minus_short"]) if "long_minus_short" in cmp else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _verdicts(report):
+    lines = ["", "Regime checks:", ""]
+    lines += [f"- {c['check']}: {'yes' if c['holds'] else 'NO'} ({c['value']})" for c in report["regime"]]
+    if report["claims"]:
+        lines += ["", "Claims (supported: interval above 0; contradicted: below 0; otherwise not resolved):", ""]
+        lines += [f"- {c['claim']}: **{c['verdict']}** ({c['difference']})" for c in report["claims"]]
+    return lines
+
+
+def _sweep_table(report):
+    if not report["sweep"]:
+        return []
+    lines = ["", "Validation sweep of SWITCH (seed 0):", "",
+             "| tau0 | decay | loss | val ROUGE-L | teacher share |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {t['tau0']} | {t['decay']} | {t['loss_kind']} | {100 * t['validation_rougeL']:.1f} | "
+              f"{t['teacher_share']:.2f} |" for t in report["sweep"]]
+    chosen = report["chosen"]
+    return lines + ["", f"Chosen: tau0={chosen['tau0']}, decay={chosen['decay']}, {chosen['loss_kind']}."]
+
+
+def curve(rows_by_seed, lengths):
+    """(mean reference length, mean ROUGE-L) per PLOT_EDGES bin over all seeds and prompts."""
+    points = []
+    for low, high in zip(PLOT_EDGES, PLOT_EDGES[1:], strict=False):
+        idx = [i for i, n in enumerate(lengths) if low <= n < high]
+        if idx:
+            values = [rows[i] for rows in rows_by_seed for i in idx]
+            points.append((statistics.mean(lengths[i] for i in idx), statistics.mean(values)))
+    return points
+
+
+def plot(report, runs, teacher_rows, lengths, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, method_runs in runs.items():
+        xs, ys = zip(*curve([r["rows"]["rougeL"] for r in method_runs], lengths), strict=True)
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=name, linewidth=2.5 if name == "SWITCH" else 1.2)
+    xs, ys = zip(*curve([teacher_rows["rougeL"]], lengths), strict=True)
+    ax.plot(xs, [100 * y for y in ys], "k--", label="teacher")
+    ax.set_xlabel("reference length (tokens; bins " + ", ".join(map(str, PLOT_EDGES)) + ")")
+    ax.set_ylabel("ROUGE-L F (test, mean over seeds)")
+    ax.set_title(f"Student quality by reference length ({report['mode']} run)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
