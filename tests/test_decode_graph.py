@@ -83,8 +83,11 @@ def test_uncapturable_model_falls_back_to_eager_steps_with_a_warning():
     student.forward = syncing_forward
     try:
         eager = SwitchGenerator(teacher, student, cuda_graphs=False).generate(RAGGED, policy=MIXED, max_new_tokens=6)
+        gen = SwitchGenerator(teacher, student)
         with pytest.warns(UserWarning, match="CUDA-graph capture failed"):
-            out = SwitchGenerator(teacher, student).generate(RAGGED, policy=MIXED, max_new_tokens=6)
+            out = gen.generate(RAGGED, policy=MIXED, max_new_tokens=6)
+        again = gen.generate(RAGGED, policy=MIXED, max_new_tokens=6)  # the eager path, without a second warning
     finally:
         del student.forward
     assert_same(out, eager)
+    assert_same(again, eager)

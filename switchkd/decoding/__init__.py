@@ -2,5 +2,6 @@
 SWITCH generator (a ladder of small steps) and its static-shape, CUDA-graph path."""
 
 from .generator import SwitchGenerator, SwitchOutput, output_vocab_size, switch_generate
+from .state import DecodeStats
 
-__all__ = ["SwitchGenerator", "SwitchOutput", "output_vocab_size", "switch_generate"]
+__all__ = ["DecodeStats", "SwitchGenerator", "SwitchOutput", "output_vocab_size", "switch_generate"]

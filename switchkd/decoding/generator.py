@@ -30,9 +30,20 @@ class SwitchOutput:
     from_teacher: torch.Tensor  # [B, max_new_tokens] bool, True where the teacher wrote the token
     divergence: torch.Tensor  # [B, max_new_tokens] float32 JSD (nats) at each generated token, NaN past the end
     responses: list[list[int]]  # the generated tokens of each row (EOS included when produced)
-    student_forwards: int  # forward passes of each model over the whole request
-    teacher_forwards: int
-    bookkeeping_seconds: float  # host time spent in KV block bookkeeping (allocation, tables, rollback)
+    stats: DecodeStats  # forwards of each model, drafted blocks, host bookkeeping time
+
+    @property
+    def student_forwards(self) -> int:
+        return self.stats.student_forwards
+
+    @property
+    def teacher_forwards(self) -> int:
+        return self.stats.teacher_forwards
+
+    @property
+    def bookkeeping_seconds(self) -> float:
+        """Host time spent in KV block bookkeeping (allocation, tables, rollback)."""
+        return self.stats.bookkeeping_seconds
 
     @property
     def teacher_share(self) -> float:
@@ -214,7 +225,7 @@ class SwitchGenerator:
         return _collect(prompts, rows, max_new_tokens, pad_token_id, eos, stats)
 
     def _decoder(self, pair: ModelPair, request: Request):
-        if not self.cuda_graphs:
+        if not self.cuda_graphs or (self.static is not None and self.static.failed):
             return EagerDecoder(pair, request)
         if self.static is None or self.static.pair is not pair:
             self.static = StaticDecoder(pair)
@@ -306,9 +317,7 @@ def _collect(prompts, rows, max_new_tokens, pad_token_id, eos, stats: DecodeStat
         from_teacher=from_teacher,
         divergence=divergence,
         responses=responses,
-        student_forwards=stats.student_forwards,
-        teacher_forwards=stats.teacher_forwards,
-        bookkeeping_seconds=stats.bookkeeping_seconds,
+        stats=stats,
     )
 
 

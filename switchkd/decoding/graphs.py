@@ -102,6 +102,7 @@ class StaticDecoder:
         self.request: Request | None = None
         self.ws: Workspace | None = None
         self.warming = False  # the last block captured a graph (its time says nothing about the draft length)
+        self.failed = False  # a capture failed: this request ends uncaptured, later ones take the eager path
 
     def start(self, request: Request):
         self.request = request
@@ -192,7 +193,7 @@ class StaticDecoder:
                 step()
         except Exception as err:  # a model or op that cannot be captured: keep stepping eagerly
             warnings.warn(f"switchkd: CUDA-graph capture failed ({type(err).__name__}: {err}); "
-                          "decoding continues with eager static-shape steps", stacklevel=2)
-            self.capture = False
+                          "decoding continues with eager steps", stacklevel=2)
+            self.capture, self.failed = False, True
             return
         graphs[key] = graph

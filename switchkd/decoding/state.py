@@ -28,7 +28,7 @@ class Request:
 
 @dataclass
 class DecodeStats:
-    """Counters of one request, summed over its sub-batches."""
+    """Counters of one request, summed over its sub-batches (``SwitchOutput.stats``)."""
 
     student_forwards: int = 0
     teacher_forwards: int = 0
