@@ -161,13 +161,16 @@ def _tokenizer(name: str, flag: str):
 # ------------------------------------------------------------------------------------------ distill
 def _resume_from(script: DistillArguments, output_dir: str) -> str | None:
     """The checkpoint to resume from: 'latest' = the newest complete one of ``output_dir`` (said which)."""
-    from .training.checkpoints import latest_complete
+    from .training.checkpoints import is_complete, latest_complete
 
     if script.resume is None:
         return None
     if script.resume != "latest":
         if not Path(script.resume).is_dir():
             raise UsageError(f"--resume {script.resume}: no such checkpoint directory")
+        if not is_complete(script.resume):
+            raise UsageError(f"--resume {script.resume}: incomplete checkpoint (interrupted during its save?); "
+                             "--resume latest takes the newest complete one")
         return script.resume
     found, skipped = latest_complete(output_dir)
     if found is None:

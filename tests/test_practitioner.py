@@ -113,6 +113,8 @@ def test_resume_latest_skips_a_half_written_checkpoint(work, tmp_path, capsys):
             path.unlink()
     assert latest_complete(out) == (out / "checkpoint-1", [half])
     capsys.readouterr()
+    assert distill(work, out, "--max-steps", "3", "--resume", str(half)) == 2
+    one_line_error(capsys, "incomplete checkpoint", "--resume latest")
     assert distill(work, out, "--max-steps", "3", "--resume", "latest") == 0
     assert f"resuming from {out / 'checkpoint-1'} (skipped incomplete checkpoint-2)" in capsys.readouterr().out
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
