@@ -83,10 +83,10 @@ class SwitchKDConfig(TrainingArguments):
             raise ValueError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.warmup_ratio:
+        if self.warmup_ratio and "warmup_ratio" not in TrainingArguments.__dataclass_fields__:
             if self.warmup_steps:
                 raise ValueError("set warmup_ratio or warmup_steps, not both")
-            self.warmup_steps = self.warmup_ratio  # TrainingArguments reads a float in (0, 1) as a ratio
+            self.warmup_steps = self.warmup_ratio  # transformers 5.x reads a float warmup_steps in (0, 1) as a ratio
         super().__post_init__()
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
