@@ -22,7 +22,7 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("draft_len", [1, 4])
 def test_static_path_gives_exactly_the_eager_tokens(draft_len):
-    """float64, sampling on, ragged prompts (5 rows: padded to 8), EOS that stops some rows early."""
+    """float64, sampling on, ragged prompts (5 rows: 8 lanes), EOS that stops some rows early (then 4 lanes)."""
     teacher, student = pair("llama")
     kwargs = {"policy": MIXED, "max_new_tokens": 14, "seed": 11, "draft_len": draft_len, "adaptive_draft": False}
     eager = SwitchGenerator(teacher, student, block_size=4, cuda_graphs=False).generate(RAGGED, **kwargs)
@@ -34,6 +34,8 @@ def test_static_path_gives_exactly_the_eager_tokens(draft_len):
     static = static_gen.generate(RAGGED, eos_token_id=eos, **kwargs)
     assert_same(static, eager)
     assert static.teacher_forwards == eager.teacher_forwards
+    (workspace,) = static_gen.static.workspaces.values()
+    assert {8, 4} <= set(workspace.lanes), "finished rows leave the lanes: the batch shrinks to a smaller bucket"
     assert all(c.manager.num_used_blocks == 0 and c.manager.num_sequences == 0 for c in static_gen.caches)
 
 

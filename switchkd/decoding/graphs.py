@@ -1,15 +1,16 @@
 """Static-shape decoding blocks, replayed from CUDA graphs on CUDA.
 
-Every step of a block reads fixed-shape device buffers: the batch is padded to a power of two
-(padding rows and finished rows write their keys/values into each pool's scratch block and keep
-nothing), block tables have a fixed width, and the block managers' ``prepare`` output for the whole
-block (``k`` slots and positions per row, the block table) is copied into preallocated buffers once
-per block. Three kinds of step, each one CUDA graph:
+Every step of a block reads fixed-shape device buffers. The active rows of a block run in ``L``
+*lanes*, ``L`` the next power of two (padding lanes run a dummy row that keeps nothing and writes
+its keys/values into each pool's scratch block), so the batch shrinks as rows finish; block tables
+have a fixed width; the block managers' ``prepare`` output for the whole block (``k`` slots and
+positions per lane, the block table) and the lanes' row map are copied into preallocated device
+buffers once per block. Two kinds of step, each one CUDA graph per lane count:
 
 - ``student``: one student token (forward, logits into the block's buffer, the draft sampled with
   ``switchkd.sample``); a device cursor says which of the ``k`` columns it fills.
 - ``score`` (one per draft length ``k``): the teacher forward over ``[pending, d_0 .. d_{k-2}]``, the
-  fused switch step, and the commit that writes the kept tokens into the per-row state.
+  fused switch step, and the commit that writes the chosen tokens into the per-row state.
 
 The host waits once per block, to read how many tokens each row kept. On CPU the same steps run
 without capture (this is how the tests check them against the eager path).
@@ -18,6 +19,7 @@ without capture (this is how the tests check them against the eager path).
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -37,31 +39,28 @@ def bucket(n: int) -> int:
 class BlockMeta:
     """One cache's metadata for a block, at fixed shapes: a pinned host copy and the device buffers."""
 
-    def __init__(self, cache: PagedKVCache, rows: int, k: int, width: int, device):
-        self.cache, self.k = cache, k
-        sizes = (rows * k, rows * k, rows * width)
+    def __init__(self, cache: PagedKVCache, lanes: int, k: int, width: int, device):
+        self.cache = cache
+        sizes = (lanes * k, lanes * k, lanes * width)
         self.defaults = torch.cat([  # padding: the scratch block's slots, position 0
-            (cache.scratch_block * cache.block_size + torch.arange(k) % cache.block_size).repeat(rows),
-            torch.zeros(rows * k, dtype=torch.int64), torch.full((rows * width,), cache.scratch_block)])
+            (cache.scratch_block * cache.block_size + torch.arange(k) % cache.block_size).repeat(lanes),
+            torch.zeros(lanes * k, dtype=torch.int64), torch.full((lanes * width,), cache.scratch_block)])
         self.host = torch.empty(self.defaults.shape, dtype=torch.int64, pin_memory=torch.device(device).type == "cuda")
         self.device = torch.empty_like(self.defaults, device=device)
-        shapes = ((rows, k), (rows, k), (rows, width))
+        shapes = ((lanes, k), (lanes, k), (lanes, width))
         self.host_views = [x.view(s) for x, s in zip(self.host.split(sizes), shapes, strict=True)]
         self.slots, self.positions, self.table = (x.view(s) for x, s in zip(self.device.split(sizes), shapes,
                                                                              strict=True))
 
-    def stage(self, ids: list[int], active: list[int], k: int):
-        """Append ``k`` tokens to each active row's sequence and copy the metadata to the device (no sync)."""
-        manager = self.cache.manager
-        slots, _, positions, table, _ = manager.prepare([ids[r] for r in active], [k] * len(active),
-                                                        table_width=self.table.shape[1],
-                                                        pad_block=self.cache.scratch_block)
+    def stage(self, ids: list[int], k: int):
+        """Append ``k`` tokens to sequence ``ids[i]`` (lane ``i``) and copy the metadata to the device (no sync)."""
+        slots, _, positions, table, _ = self.cache.manager.prepare(ids, [k] * len(ids), table_width=self.table.shape[1],
+                                                                   pad_block=self.cache.scratch_block)
         self.host.copy_(self.defaults)
-        rows = torch.tensor(active)
         host_slots, host_positions, host_table = self.host_views
-        host_slots[rows, :k] = torch.from_numpy(slots).view(len(active), k)
-        host_positions[rows, :k] = torch.from_numpy(positions)
-        host_table[rows] = torch.from_numpy(table)
+        host_slots[: len(ids), :k] = torch.from_numpy(slots).view(len(ids), k)
+        host_positions[: len(ids), :k] = torch.from_numpy(positions)
+        host_table[: len(ids)] = torch.from_numpy(table)
         self.device.copy_(self.host, non_blocking=True)
 
     def batch(self, columns) -> PagedBatch:
@@ -74,20 +73,38 @@ class BlockMeta:
         return PagedBatch(self.cache, slots.reshape(-1), None, positions, self.table, lengths)
 
 
+class Lanes:
+    """The buffers and graphs of steps over ``L`` lanes; lane ``i`` runs state row ``rows[i]``."""
+
+    def __init__(self, pair: ModelPair, lanes: int, k: int, width: int, device):
+        def ints(*shape):
+            return torch.zeros(shape, dtype=torch.int64, device=device)
+
+        self.rows_host = torch.empty(lanes, dtype=torch.int64, pin_memory=torch.device(device).type == "cuda")
+        self.rows = ints(lanes)
+        self.teacher = BlockMeta(pair.teacher_cache, lanes, k, width, device)
+        self.student = BlockMeta(pair.student_cache, lanes, k, width, device)
+        self.feed = ints(lanes)  # the token the next student step reads
+        self.cursor = ints(1)  # the block column the next student step fills
+        self.drafts = ints(lanes, k)
+        self.flags = ints(lanes + 1, 2)  # commit's output (see state.commit)
+        self.student_logits: torch.Tensor | None = None  # [L, k, V], allocated by the first student step
+        self.graphs: dict = {}
+
+    def stage(self, ids: list[int], active: list[int], dummy: int):
+        """Map lanes to the active rows (the rest to ``dummy``); copy the map to the device (no sync)."""
+        self.rows_host.fill_(dummy)
+        self.rows_host[: len(active)] = torch.tensor(active)
+        self.rows.copy_(self.rows_host, non_blocking=True)
+
+
 @dataclass
 class Workspace:
-    """The fixed-shape buffers and graphs of one (padded batch, table width, request) combination."""
+    """The per-row state of one (batch bucket, table width, request) combination and its lanes."""
 
-    state: DecodeState
-    teacher: BlockMeta
-    student: BlockMeta
-    rows: torch.Tensor  # [R] arange: every row takes part in every step
-    feed: torch.Tensor  # [R] int64 the token the next student step reads
-    cursor: torch.Tensor  # [1] int64 the block column the next student step fills
-    drafts: torch.Tensor  # [R, k_max] int64
-    flags: torch.Tensor  # [R + 1, 2] int64 commit's output (see state.commit)
-    student_logits: torch.Tensor | None = None  # [R, k_max, V], allocated by the first student step
-    graphs: dict = field(default_factory=dict)
+    state: DecodeState  # rows: the bucket, then one dummy row
+    width: int  # block-table width
+    lanes: dict[int, Lanes] = field(default_factory=dict)
 
 
 class StaticDecoder:
@@ -101,6 +118,7 @@ class StaticDecoder:
         self.workspaces: dict[tuple, Workspace] = {}
         self.request: Request | None = None
         self.ws: Workspace | None = None
+        self.lanes: Lanes | None = None  # the current block's
         self.warming = False  # the last block captured a graph (its time says nothing about the draft length)
         self.failed = False  # a capture failed: this request ends uncaptured, later ones take the eager path
 
@@ -122,59 +140,59 @@ class StaticDecoder:
         return self.ws.state
 
     def _workspace(self, rows: int, width: int) -> Workspace:
-        request, device, k = self.request, self.device, self.request.draft_len
-        state = DecodeState.empty(rows, request.max_new_tokens + k, len(request.eos), device)
-
-        def ints(*shape):
-            return torch.zeros(shape, dtype=torch.int64, device=device)
-
-        return Workspace(state, BlockMeta(self.pair.teacher_cache, rows, k, width, device),
-                         BlockMeta(self.pair.student_cache, rows, k, width, device),
-                         torch.arange(rows, device=device), ints(rows), ints(1), ints(rows, k), ints(rows + 1, 2))
+        request = self.request
+        state = DecodeState.empty(rows + 1, request.max_new_tokens + request.draft_len, len(request.eos), self.device)
+        return Workspace(state, width)
 
     def block(self, state: DecodeState, ids: list[int], active: list[int], k: int,
               stats: DecodeStats) -> list[list[int]]:
         """Stage the block's metadata, replay ``k`` student steps and one scoring step; one host sync."""
         ws, self.warming = self.ws, False
-        for meta in (ws.teacher, ws.student):
-            meta.stage(ids, active, k)
-        ws.feed.copy_(state.pending)
-        ws.cursor.zero_()
+        count = bucket(len(active))
+        if count not in ws.lanes:
+            ws.lanes[count] = Lanes(self.pair, count, self.request.draft_len, ws.width, self.device)
+        lanes = self.lanes = ws.lanes[count]
+        start = time.perf_counter()
+        lanes.stage(ids, active, dummy=state.keys.shape[0] - 1)
+        for meta in (lanes.teacher, lanes.student):
+            meta.stage([ids[r] for r in active], k)
+        stats.bookkeeping_seconds += time.perf_counter() - start
+        torch.index_select(state.pending, 0, lanes.rows, out=lanes.feed)
+        lanes.cursor.zero_()
         for _ in range(k):
             self._run("student", self._student_step)
         self._run(("score", k), lambda: self._score_step(k))
         stats.student_forwards += k
         stats.teacher_forwards += 1
-        flags = read_flags(ws.flags)
-        return [flags[r] for r in active]
+        return read_flags(lanes.flags)[: len(active)]
 
     def _student_step(self):
-        ws, request = self.ws, self.request
-        batch = ws.student.batch(ws.cursor)
-        out = self.pair.student(input_ids=ws.feed[:, None], position_ids=batch.positions, use_cache=False,
+        lanes, state, request = self.lanes, self.ws.state, self.request
+        batch = lanes.student.batch(lanes.cursor)
+        out = self.pair.student(input_ids=lanes.feed[:, None], position_ids=batch.positions, use_cache=False,
                                 logits_to_keep=1, **{ATTENTION_NAME: batch})
         logits = out.logits[:, -1]
-        if ws.student_logits is None:
-            ws.student_logits = logits.new_empty(ws.drafts.shape + logits.shape[-1:])
-        ws.student_logits.index_copy_(1, ws.cursor, logits[:, None])
-        draft = sample(logits, ws.state.generated + ws.cursor, temperature=request.temperature, seed=request.seed,
-                       row_keys=ws.state.keys)
-        ws.drafts.index_copy_(1, ws.cursor, draft[:, None])
-        ws.feed.copy_(draft)
-        ws.cursor.add_(1)
+        if lanes.student_logits is None:
+            lanes.student_logits = logits.new_empty(lanes.drafts.shape + logits.shape[-1:])
+        lanes.student_logits.index_copy_(1, lanes.cursor, logits[:, None])
+        draft = sample(logits, state.generated[lanes.rows] + lanes.cursor, temperature=request.temperature,
+                       seed=request.seed, row_keys=state.keys[lanes.rows])
+        lanes.drafts.index_copy_(1, lanes.cursor, draft[:, None])
+        lanes.feed.copy_(draft)
+        lanes.cursor.add_(1)
 
     def _score_step(self, k: int):
-        ws = self.ws
-        batch = ws.teacher.batch(slice(0, k))
-        inputs = torch.cat([ws.state.pending[:, None], ws.drafts[:, : k - 1]], 1)
+        lanes, state = self.lanes, self.ws.state
+        batch = lanes.teacher.batch(slice(0, k))
+        inputs = torch.cat([state.pending[lanes.rows, None], lanes.drafts[:, : k - 1]], 1)
         logits = self.pair.teacher(input_ids=inputs, position_ids=batch.positions, use_cache=False,
                                    logits_to_keep=0, **{ATTENTION_NAME: batch}).logits
-        step = decide(ws.student_logits[:, :k], logits, ws.state, ws.rows, self.request)
-        ws.flags.copy_(commit(ws.state, ws.rows, step, k))
+        step = decide(lanes.student_logits[:, :k], logits, state, lanes.rows, self.request)
+        lanes.flags.copy_(commit(state, lanes.rows, step, k))
 
     def _run(self, key, step):
         """Replay ``key``'s graph; on its first use run ``step`` eagerly (warm-up), then capture it."""
-        graphs = self.ws.graphs
+        graphs = self.lanes.graphs
         if key in graphs:
             graphs[key].replay()
             return

@@ -75,7 +75,6 @@ class DecodeState:
         n = len(prompts)
         host = torch.zeros(3, self.keys.shape[0], dtype=torch.int64)
         host[0, :n] = torch.tensor(keys)
-        host[0, n:] = -1 - torch.arange(self.keys.shape[0] - n)  # distinct keys for padding rows
         host[1, :n] = torch.tensor([p[-1] for p in prompts])
         host[2, :n] = request.max_new_tokens
         self.keys.copy_(host[0])
