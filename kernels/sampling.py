@@ -24,8 +24,8 @@ def _mix32(x):
 @triton.jit
 def _row_hash(seed_key, row_key, position, model):
     """Per-row noise key from the pre-hashed seed, the row key and position (int64) and the model id."""
-    k = _mix32(seed_key.to(tl.uint32) ^ row_key.to(tl.uint32))
-    k = _mix32(k ^ position.to(tl.uint32))
+    k = _mix32(tl.cast(seed_key, tl.uint32) ^ tl.cast(row_key, tl.uint32))  # tl.cast: also for int constants
+    k = _mix32(k ^ tl.cast(position, tl.uint32))
     return _mix32(k ^ (model + 1))
 
 

@@ -38,12 +38,14 @@ def interpreted() -> bool:
 
 
 def gpu_tile_configs():
-    """Every config the autotuner may pick on a GPU (the ahead-of-time compile builds all of them)."""
+    """Every config the autotuner may pick on a GPU (the ahead-of-time compile builds all of them): 8 or 4
+    columns per thread. ``maxnreg`` lets ptxas use the registers a tile needs (left alone, it spills a
+    few bytes to save registers), up to what the block's threads can get on one SM."""
     return [
-        triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK": 4096}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK": 4096}, num_warps=16, num_stages=1),
+        triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=2, maxnreg=255),
+        triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=2, maxnreg=255),
+        triton.Config({"BLOCK": 1024}, num_warps=8, num_stages=2, maxnreg=128),
+        triton.Config({"BLOCK": 2048}, num_warps=16, num_stages=2, maxnreg=128),
     ]
 
 

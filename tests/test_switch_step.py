@@ -4,21 +4,27 @@ import pytest
 import torch
 
 from switchkd import SwitchPolicy, fused_switch_step, reference
+from switchkd.ops.stored_grad import attach_grad
+from switchkd.ops.switch_step import raise_on_bad_rows, switch_step_triton
 
 from conftest import DEVICE, assert_error_ratio, random_logits
-from test_kd_loss import GRAD_ATOL, LOSS_ATOL, plain_torch_loss
+from test_kd_loss import GPU_TILES, GRAD_ATOL, LOSS_ATOL, only_config, plain_torch_loss
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SHAPES = [(41, 1271), (3, 7), (1, 1), (3, 32000), (2, 50257), (1, 151936)]
+# (rows, vocab, dtypes, temperatures): one split per row (V = 1, 7; B = 256), several (the rest).
+CASES = [
+    (3, 7, DTYPES, [1.0, 0.0, 0.7]),
+    (1, 1, [torch.float32], [1.0, 0.0]),
+    (3, 1271, [torch.float32, torch.bfloat16], [1.0, 0.0]),
+    (256, 7, [torch.bfloat16], [0.7]),
+    (1, 50257, [torch.float16], [0.7]),
+    (1, 151936, [torch.bfloat16], [1.0]),
+]
+KINDS = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.3}), ("skl", {"alpha": 0.1}), ("srkl", {"alpha": 0.1}),
+         ("tvd", {})]
 POLICY = SwitchPolicy("exp", tau0=0.3, decay=0.05)
 # A decision is only compared where the divergence is this far from the threshold (float32 vs float64).
 DECISION_MARGIN = 1e-5
-
-
-def both(s, t, positions, **kwargs):
-    """(kernel step, float64 reference step)."""
-    return fused_switch_step(s, t, positions, **kwargs), reference.switch_step(s.double(), t.double(), positions,
-                                                                                 **kwargs)
 
 
 def assert_same_decisions(out, ref, thresholds):
@@ -27,88 +33,133 @@ def assert_same_decisions(out, ref, thresholds):
     assert torch.equal(out.tokens[clear], ref.tokens[clear])
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.0, 0.7])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows, vocab", SHAPES)
-def test_matches_reference(rows, vocab, dtype, temperature):
-    s, t = random_logits(rows, vocab, dtype), random_logits(rows, vocab, dtype)
-    positions = torch.randint(0, 60, (rows,), device=DEVICE)
-    out, ref = both(s, t, positions, policy=POLICY, temperature=temperature, seed=1234)
+def check_step(s, t, positions, temperature, **kwargs):
+    """Kernel step against the float64 reference: tokens exactly, decisions, divergence by error ratio."""
+    out = fused_switch_step(s, t, positions, policy=POLICY, temperature=temperature, seed=1234, backend="triton",
+                            **kwargs)
+    ref = reference.switch_step(s.double(), t.double(), positions, policy=POLICY, temperature=temperature, seed=1234)
     assert out.tokens.dtype == torch.int64 and out.from_teacher.dtype == torch.bool
     assert out.divergence.dtype == torch.float32 and out.loss.dtype == torch.float32
     assert torch.equal(out.student_tokens, ref.student_tokens)
     assert torch.equal(out.teacher_tokens, ref.teacher_tokens)
     assert_same_decisions(out, ref, POLICY.thresholds(positions))
-    div_t = temperature or 1.0
-    plain = plain_torch_loss(s, t, "jsd", div_t)
-    assert_error_ratio("divergence", out.divergence, ref.divergence, plain, LOSS_ATOL[dtype])
+    plain = plain_torch_loss(s, t, "jsd", temperature or 1.0)
+    assert_error_ratio("divergence", out.divergence, ref.divergence, plain, LOSS_ATOL[s.dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind, params", [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.3}), ("skl", {"alpha": 0.1}),
-                                          ("srkl", {"alpha": 0.1}), ("tvd", {})], ids=str)
-@pytest.mark.parametrize("rows, vocab", [(41, 1271), (3, 32000)])
-def test_loss_and_gradient(rows, vocab, kind, params, dtype):
+@pytest.mark.parametrize("rows, vocab, dtype, temperature", [
+    (r, v, d, tt) for r, v, dtypes, temps in CASES for d in dtypes for tt in temps], ids=str)
+def test_matches_reference(rows, vocab, dtype, temperature):
     s, t = random_logits(rows, vocab, dtype), random_logits(rows, vocab, dtype)
-    upstream = torch.rand(rows, device=DEVICE, dtype=torch.float64) + 0.5
+    check_step(s, t, torch.randint(0, 60, (rows,), device=DEVICE), temperature)
+
+
+def loss_and_grad(s, t, kind, params, splits=None):
+    """(kernel, float64 reference, plain torch) per-row loss and gradient under a random upstream."""
+    upstream = torch.rand(s.shape[0], device=DEVICE, dtype=torch.float64) + 0.5
+    options = {"temperature": 0.9, **params}
+
+    def kernel(x):
+        step, grad = switch_step_triton(x.detach(), t, 3, None, policy=POLICY, seed=0, kind=kind,
+                                        alpha=options.get("alpha", 0.1), beta=options.get("beta", 0.5),
+                                        temperature=0.9, need_grad=True, splits=splits)
+        return attach_grad(x, step.loss, grad)
+
     results = []
-    for x, step in [(s, lambda x: fused_switch_step(x, t, 3, loss=kind, temperature=0.9, **params).loss),
-                    (s.double(), lambda x: reference.switch_step(x, t.double(), 3, loss=kind, temperature=0.9,
-                                                                 **params).loss),
+    for x, step in [(s, kernel),
+                    (s.double(), lambda x: reference.switch_step(x, t.double(), 3, loss=kind, **options).loss),
                     (s, lambda x: plain_torch_loss(x, t, kind, 0.9, **params))]:
         x = x.detach().clone().requires_grad_()
         loss = step(x)
         (grad,) = torch.autograd.grad((loss * upstream.to(loss.dtype)).sum(), x)
         results.append((loss.detach(), grad))
     (out, grad), (ref, ref_grad), (plain, plain_grad) = results
-    assert grad.dtype == dtype
-    assert_error_ratio("loss", out, ref, plain, LOSS_ATOL[dtype])
-    assert_error_ratio("grad", grad, ref_grad, plain_grad, GRAD_ATOL[dtype])
+    assert grad.dtype == s.dtype
+    assert_error_ratio("loss", out, ref, plain, LOSS_ATOL[s.dtype])
+    rounding = (ref_grad.to(s.dtype).double() - ref_grad).abs().max().item()  # the output dtype's own
+    assert_error_ratio("grad", grad, ref_grad, plain_grad, GRAD_ATOL[s.dtype] + rounding)
+
+
+@pytest.mark.parametrize("kind, params", KINDS, ids=str)
+@pytest.mark.parametrize("rows, vocab, dtype", [(3, 1271, torch.float32), (3, 7, torch.bfloat16),
+                                                (3, 7, torch.float16)], ids=str)
+def test_loss_and_gradient(rows, vocab, dtype, kind, params):
+    loss_and_grad(random_logits(rows, vocab, dtype), random_logits(rows, vocab, dtype), kind, params)
+
+
+@pytest.mark.parametrize("block", sorted(GPU_TILES))
+def test_every_gpu_tile_matches_reference(block):
+    """Each tile config the GPU autotuner may pick: tokens, decisions, divergence, loss and gradient."""
+    s, t = random_logits(2, 20000, torch.bfloat16), random_logits(2, 20000, torch.bfloat16)
+    with only_config(GPU_TILES[block]):
+        check_step(s, t, torch.tensor([0, 9], device=DEVICE), 0.8)
+        loss_and_grad(s, t, "srkl", {"alpha": 0.2}, splits=4)
+        top = switch_step_triton(s, t, 0, None, policy=SwitchPolicy("topk", top_k=50), temperature=1.0, seed=0,
+                                 kind="fkl", alpha=0.1, beta=0.5, need_grad=False, splits=4)[0]
+    rank = (t > t.gather(1, top.student_tokens[:, None])).sum(1)
+    assert torch.equal(top.from_teacher, rank >= 50)
+
+
+def test_tokens_do_not_depend_on_the_split_count():
+    s, t = random_logits(2, 5000), random_logits(2, 5000)
+    for temperature in (1.0, 0.0):
+        first, *others = [switch_step_triton(s, t, 4, None, policy=POLICY, temperature=temperature, seed=5, kind="jsd",
+                                             alpha=0.1, beta=0.5, need_grad=False, splits=splits)[0]
+                          for splits in (1, 3, 7)]
+        for other in others:
+            assert torch.equal(first.student_tokens, other.student_tokens)
+            assert torch.equal(first.teacher_tokens, other.teacher_tokens)
+            torch.testing.assert_close(first.divergence, other.divergence, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["exp", "linear", "constant", "never", "always"])
-def test_threshold_policies_decide_at_their_thresholds(kind):
+def test_threshold_policies_decide_at_their_thresholds(kind, backend):
     policy = SwitchPolicy(kind, tau0=0.2, decay=0.01)
-    s = random_logits(64, 301)
-    t = s + random_logits(64, 301, spread=(0.0, 1.5))  # divergences from ~0 to large
-    positions = torch.arange(64, device=DEVICE) % 16
-    out = fused_switch_step(s, t, positions, policy=policy)
+    s = random_logits(32, 301)
+    t = s + random_logits(32, 301, spread=(0.0, 1.5))  # divergences from ~0 to large
+    positions = torch.arange(32, device=DEVICE) % 16
+    out = fused_switch_step(s, t, positions, policy=policy, backend=backend)
     thresholds = policy.thresholds(positions)
     expected = out.divergence.double() > thresholds
     clear = (out.divergence.double() - thresholds).abs() > DECISION_MARGIN
     assert torch.equal(out.from_teacher[clear], expected[clear])
     assert torch.equal(out.tokens, torch.where(out.from_teacher, out.teacher_tokens, out.student_tokens))
     if kind in ("exp", "linear"):
-        assert 0 < out.from_teacher.sum() < 64, "the test data should exercise both decisions"
+        assert 0 < out.from_teacher.sum() < 32, "the test data should exercise both decisions"
 
 
 @pytest.mark.parametrize("top_k", [1, 5, 40])
 def test_topk_keeps_student_tokens_in_the_teacher_top_k(top_k):
-    s, t = random_logits(41, 97), random_logits(41, 97)
-    out = fused_switch_step(s, t, 0, policy=SwitchPolicy("topk", top_k=top_k))
+    s, t = random_logits(12, 97), random_logits(12, 97)
+    out = fused_switch_step(s, t, 0, policy=SwitchPolicy("topk", top_k=top_k), backend="triton")
     rank = (t > t.gather(1, out.student_tokens[:, None])).sum(1)
     assert torch.equal(out.from_teacher, rank >= top_k)
     ref = reference.switch_step(s.double(), t.double(), 0, policy=SwitchPolicy("topk", top_k=top_k))
     assert torch.equal(out.tokens, ref.tokens)
 
 
-def test_sampling_is_a_pure_function_of_seed_key_and_position():
-    s, t = random_logits(16, 500), random_logits(16, 500)
-    a = fused_switch_step(s, t, 5, seed=7)
-    assert torch.equal(a.tokens, fused_switch_step(s, t, 5, seed=7).tokens)
-    assert not torch.equal(a.student_tokens, fused_switch_step(s, t, 5, seed=8).student_tokens)
-    assert not torch.equal(a.student_tokens, fused_switch_step(s, t, 6, seed=7).student_tokens)
+def test_sampling_is_a_pure_function_of_seed_key_and_position(backend):
+    s, t = random_logits(8, 500), random_logits(8, 500)
+
+    def step(*args, **kwargs):
+        return fused_switch_step(*args, backend=backend, **kwargs)
+
+    a = step(s, t, 5, seed=7)
+    assert torch.equal(a.tokens, step(s, t, 5, seed=7).tokens)
+    assert not torch.equal(a.student_tokens, step(s, t, 5, seed=8).student_tokens)
+    assert not torch.equal(a.student_tokens, step(s, t, 6, seed=7).student_tokens)
     # Rows carry their noise with their key: permuting rows and keys together permutes the tokens.
-    perm = torch.randperm(16, device=DEVICE)
-    b = fused_switch_step(s[perm], t[perm], 5, seed=7, row_keys=perm)
+    perm = torch.randperm(8, device=DEVICE)
+    b = step(s[perm], t[perm], 5, seed=7, row_keys=perm)
     assert torch.equal(b.student_tokens, a.student_tokens[perm])
     assert torch.equal(b.teacher_tokens, a.teacher_tokens[perm])
 
 
-def test_greedy_is_argmax():
-    s, t = random_logits(41, 1271), random_logits(41, 1271)
-    out = fused_switch_step(s, t, 0, temperature=0.0)
-    assert torch.equal(out.student_tokens, s.argmax(-1))
+def test_greedy_is_argmax(backend):
+    s, t = random_logits(5, 1271), random_logits(5, 1271)
+    s[0, 700] = s[0, 1200] = s[0].max() + 1  # a tie across splits goes to the lowest index
+    out = fused_switch_step(s, t, 0, temperature=0.0, backend=backend)
+    assert torch.equal(out.student_tokens, s.argmax(-1)) and out.student_tokens[0] == 700
     assert torch.equal(out.teacher_tokens, t.argmax(-1))
 
 
@@ -118,26 +169,29 @@ def chi2_sf_even_dof(x, dof):
     return math.exp(-half) * sum(half**k / math.factorial(k) for k in range(dof // 2))
 
 
+def assert_frequencies_match(tokens, logits, temperature):
+    """Chi-square goodness of fit; fails when the p-value is below 1e-6 (a correct sampler: once in 1e6 seeds)."""
+    vocab = logits.shape[-1]
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    expected = torch.softmax(logits.double() / temperature, -1) * tokens.numel()
+    stat = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2_sf_even_dof(stat, vocab - 1) > 1e-6, f"chi2 = {stat:.1f}"
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_sampled_frequencies_match_the_softmax(temperature):
-    """Chi-square goodness of fit of 20000 reference draws (V = 7, 6 degrees of freedom); the kernel
-    is then shown to draw the very same tokens on a subset.
-
-    The test fails when the p-value is below 1e-6: a correct sampler fails it once in a million seeds.
-    """
-    draws, vocab = 20000, 7
+    """20000 reference draws (V = 7, 6 degrees of freedom) fit the softmax; the kernel draws the very
+    same tokens on a subset."""
+    draws = 20000
     row = torch.tensor([1.5, 0.2, -0.3, 0.9, -1.2, 0.0, 0.5], device=DEVICE)
-    s = row.expand(draws, vocab).contiguous()
+    s = row.expand(draws, 7).contiguous()
     t = s.flip(-1).contiguous()
     ref = reference.switch_step(s, t, 0, temperature=temperature, seed=11)
-    for tokens, logits in [(ref.student_tokens, row), (ref.teacher_tokens, row.flip(-1))]:
-        counts = torch.bincount(tokens, minlength=vocab).double()
-        expected = torch.softmax(logits.double() / temperature, -1) * draws
-        stat = ((counts - expected) ** 2 / expected).sum().item()
-        assert chi2_sf_even_dof(stat, vocab - 1) > 1e-6, f"chi2 = {stat:.1f}"
-    out = fused_switch_step(s[:200], t[:200], 0, temperature=temperature, seed=11)
-    assert torch.equal(out.student_tokens, ref.student_tokens[:200])
-    assert torch.equal(out.teacher_tokens, ref.teacher_tokens[:200])
+    assert_frequencies_match(ref.student_tokens, row, temperature)
+    assert_frequencies_match(ref.teacher_tokens, row.flip(-1), temperature)
+    out = fused_switch_step(s[:24], t[:24], 0, temperature=temperature, seed=11, backend="triton")
+    assert torch.equal(out.student_tokens, ref.student_tokens[:24])
+    assert torch.equal(out.teacher_tokens, ref.teacher_tokens[:24])
 
 
 def test_noise_hash_matches_between_python_ints_and_tensors():
@@ -147,22 +201,32 @@ def test_noise_hash_matches_between_python_ints_and_tensors():
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
 
 
-def test_gradient_flows_only_when_asked():
+def test_gradient_flows_only_when_asked(backend):
     s = random_logits(4, 100).requires_grad_()
-    out = fused_switch_step(s, random_logits(4, 100), 0)
+    out = fused_switch_step(s, random_logits(4, 100), 0, backend=backend)
     assert out.loss.requires_grad and not out.divergence.requires_grad
     with torch.no_grad():
-        assert not fused_switch_step(s, random_logits(4, 100), 0).loss.requires_grad
+        assert not fused_switch_step(s, random_logits(4, 100), 0, backend=backend).loss.requires_grad
 
 
-def test_non_finite_logits_raise_naming_the_argument():
-    s, t = random_logits(4, 100), random_logits(4, 100)
+def test_non_finite_logits_raise_naming_the_argument(backend):
+    s, t = random_logits(4, 700), random_logits(4, 700)
     t[2, 5] = float("nan")
     with pytest.raises(ValueError, match=r"teacher_logits .* row\(s\) \[2\]"):
-        fused_switch_step(s, t, 0)
+        fused_switch_step(s, t, 0, backend=backend)
     s[1] = float("-inf")
     with pytest.raises(ValueError, match="student_logits"):
-        fused_switch_step(s, random_logits(4, 100), 0)
+        fused_switch_step(s, random_logits(4, 700), 0, backend=backend)
+
+
+def test_without_the_finite_check_bad_rows_are_nan_and_never_switch(backend):
+    s, t = random_logits(4, 700), random_logits(4, 700)
+    t[2, 5] = float("inf")
+    out = fused_switch_step(s, t, 0, policy=SwitchPolicy("always"), check_finite=False, backend=backend)
+    assert out.divergence[2].isnan() and torch.isfinite(out.divergence[[0, 1, 3]]).all()
+    assert out.from_teacher.tolist() == [True, True, False, True]
+    with pytest.raises(ValueError, match=r"teacher_logits .* row\(s\) \[2\]"):
+        raise_on_bad_rows(out.divergence, s, t)
 
 
 @pytest.mark.parametrize(
