@@ -32,7 +32,7 @@ from .state import DecodeState, DecodeStats, Request, commit
 
 
 def bucket(n: int) -> int:
-    """The padded batch size: the next power of two."""
+    """The next power of two: lane counts and block-table widths come in these sizes."""
     return 1 << (n - 1).bit_length()
 
 
@@ -91,7 +91,7 @@ class Lanes:
         self.student_logits: torch.Tensor | None = None  # [L, k, V], allocated by the first student step
         self.graphs: dict = {}
 
-    def stage(self, ids: list[int], active: list[int], dummy: int):
+    def stage(self, active: list[int], dummy: int):
         """Map lanes to the active rows (the rest to ``dummy``); copy the map to the device (no sync)."""
         self.rows_host.fill_(dummy)
         self.rows_host[: len(active)] = torch.tensor(active)
@@ -128,8 +128,7 @@ class StaticDecoder:
     def new_state(self, ids: list[int], prompts: list[list[int]]) -> DecodeState:
         """Pick (or build) the workspace for this sub-batch and load its state."""
         request, block_size = self.request, self.pair.student_cache.block_size
-        width = 1 << (math.ceil((max(map(len, prompts)) + request.max_new_tokens + request.draft_len)
-                                / block_size) - 1).bit_length()
+        width = bucket(math.ceil((max(map(len, prompts)) + request.max_new_tokens + request.draft_len) / block_size))
         key = (bucket(len(prompts)), width, request)
         if key not in self.workspaces:
             if len(self.workspaces) >= 8:
@@ -153,7 +152,7 @@ class StaticDecoder:
             ws.lanes[count] = Lanes(self.pair, count, self.request.draft_len, ws.width, self.device)
         lanes = self.lanes = ws.lanes[count]
         start = time.perf_counter()
-        lanes.stage(ids, active, dummy=state.keys.shape[0] - 1)
+        lanes.stage(active, dummy=state.keys.shape[0] - 1)
         for meta in (lanes.teacher, lanes.student):
             meta.stage([ids[r] for r in active], k)
         stats.bookkeeping_seconds += time.perf_counter() - start
