@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_check.sh            # PYTHON=python3 by default
 #   SKIP_TESTS=1 bash benchmarks/gpu_check.sh
 set -uo pipefail
+export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 STAMP=$(date -u +%Y%m%d-%H%M%S)
@@ -40,15 +41,15 @@ if [[ -z "${SKIP_TESTS:-}" ]]; then
     step "GPU test subset"
     # One tile config per kernel while testing (each config is tested in the CPU interpreter); xdist if present.
     xdist=()
-    "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 4)
-    SWITCHKD_AUTOTUNE=0 timeout 150 "$PYTHON" -m pytest -q "${xdist[@]}" tests/test_switch_step.py \
+    "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+    SWITCHKD_AUTOTUNE=0 timeout 180 "$PYTHON" -m pytest -q "${xdist[@]}" tests/test_switch_step.py \
         tests/test_kd_loss.py tests/test_sample.py tests/test_policy.py tests/test_linear_kd.py \
         2>&1 | tee "$OUT/gpu-tests-$STAMP.log" | tail -n 15
     [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "GPU tests FAILED (log: $OUT/gpu-tests-$STAMP.log)"; status=1; }
 fi
 
 step "throughput: switch_step kd_loss linear_kd"
-timeout 240 "$PYTHON" benchmarks/throughput.py --sections switch_step kd_loss linear_kd || status=1
+timeout 300 "$PYTHON" benchmarks/throughput.py --sections switch_step kd_loss linear_kd || status=1
 json=$(ls -t "$OUT"/throughput-*.json 2>/dev/null | head -n 1)
 [[ -n "$json" && "$json" -nt "$OUT/gpu-tests-$STAMP.log" ]] || json=""
 
