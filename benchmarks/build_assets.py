@@ -34,7 +34,7 @@ SEED = 1234
 BUCKETS = (32, 96, 192)
 MAX_NEW = 288
 SUBSET = 48
-RECIPE = {"teacher": {"shape": (2, 128), "steps": 10000, "lr": 3e-3, "batch": 16, "every": 1000},
+RECIPE = {"teacher": {"shape": (2, 128), "steps": 6500, "lr": 3e-3, "batch": 16, "every": 1000},
           "student": {"shape": (1, 64), "steps": 3000, "lr": 3e-3, "batch": 16, "every": 500}}
 
 

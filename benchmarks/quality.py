@@ -30,6 +30,7 @@ import torch
 from build_assets import ASSETS, datasets, tiny_llama, train
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+import switchkd
 from switchkd import SwitchKDConfig, SwitchKDTrainer
 from switchkd.ops.spec import DEFAULT_DECAY, DEFAULT_TAU0
 from switchkd.training.evaluate import generate_responses, rouge_l, write_report
@@ -53,13 +54,14 @@ METHODS = {
 
 # sweep: (tau0, decay) tried with srkl; sweep_losses: other loss kinds tried at the best (tau0, decay).
 # validation/test: how many rows of those splits are scored (None = all).
-FULL = {"steps": 40, "batch": 8, "lr": 5e-4, "max_new": 288, "seeds": [0, 1, 2, 3, 4], "validation": 60,
-        "test": None, "sweep": [(0.1, 0.005), (0.3, 0.01), (0.3, 0.03)], "sweep_losses": ["fkl"]}
-QUICK = {"steps": 3, "batch": 4, "lr": 5e-4, "max_new": 64, "seeds": [0], "validation": 8, "test": 24,
+FULL = {"steps": 10, "batch": 32, "lr": 1e-3, "max_new": 288, "seeds": [0, 1, 2, 3, 4], "validation": 48,
+        "test": None, "sweep": [(0.01, 0.0005), (0.03, 0.001), (0.1, 0.005), (0.3, 0.01)], "sweep_losses": []}
+QUICK = {"steps": 3, "batch": 4, "lr": 1e-3, "max_new": 64, "seeds": [0], "validation": 8, "test": 24,
          "sweep": [(0.3, 0.01)], "sweep_losses": []}
-# --device cuda: teacher and student start trained in the run, larger and longer (not run on this CPU yet)
-GPU = {**FULL, "teacher": (4, 256), "student": (2, 128), "teacher_steps": 6000, "sft_steps": 1500,
-       "steps": 200, "batch": 16, "seeds": [0, 1, 2, 3, 4], "validation": None}
+# --device cuda: teacher and student start trained in the run, larger, and more distillation (sized by
+# estimate; never run: no GPU was available where this was written)
+GPU = {**FULL, "teacher": (4, 256), "student": (2, 128), "teacher_steps": 4000, "sft_steps": 1000, "steps": 40,
+       "batch": 64, "validation": 120, "sweep_losses": ["fkl", "jsd"]}
 
 
 def load_models(cfg, tokenizer, data, device, assets=ASSETS):
@@ -144,12 +146,29 @@ def _method_run(job):
     return name, run
 
 
-def _map(fn, items, jobs):
-    """``[fn(item) ...]``, in ``jobs`` forked worker processes (one torch thread each) when jobs > 1."""
+def _map(fn, items, jobs, on_result=None):
+    """``[fn(item) ...]`` (in order), in ``jobs`` forked worker processes (one torch thread each) when jobs > 1;
+    ``on_result(results so far)`` after each one."""
+    results = {}
+
+    def keep(i, result):
+        results[i] = result
+        if on_result is not None:
+            on_result([results[k] for k in sorted(results)])
+
     if jobs <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    with multiprocessing.get_context("fork").Pool(min(jobs, len(items))) as pool:
-        return pool.map(fn, items, chunksize=1)
+        for i, item in enumerate(items):
+            keep(i, fn(item))
+    else:
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(items))) as pool:
+            for i, result in pool.imap_unordered(_indexed, [(fn, i, item) for i, item in enumerate(items)]):
+                keep(i, result)
+    return [results[k] for k in sorted(results)]
+
+
+def _indexed(job):
+    fn, i, item = job
+    return i, fn(item)
 
 
 def method_overrides(name, best, cfg):
@@ -206,8 +225,10 @@ def main(argv=None):
     log(f"teacher test ROUGE-L {100 * teacher_scores['overall']['rougeL']:.1f}")
     trials, best = sweep(cfg, lambda params: _map(_trial, params, jobs))
     todo = [(name, seed, method_overrides(name, best, cfg)) for name in args.methods for seed in cfg["seeds"]]
-    todo.sort(key=lambda job: job[2]["source"] == "dataset")  # the slow (generating) methods first
-    done = _map(_method_run, todo, jobs)
+    todo.sort(key=lambda job: job[1])  # seed by seed: a run cut short still has whole seeds
+    partial = _CONTEXT["work"] / "partial.json"  # what has run so far, for a run that is cut short
+    done = _map(_method_run, todo, jobs, lambda done: write_report(
+        {"sweep": trials, "chosen": best, "teacher_rows": teacher_rows, "lengths": lengths, "done": done}, partial))
     runs = {name: sorted((run for n, run in done if n == name), key=lambda r: r["seed"]) for name in args.methods}
     return finish(args, mode, cfg, device, trials, best, teacher_rows, teacher_scores, runs, lengths,
                   _CONTEXT["started"], argv)
@@ -226,7 +247,8 @@ def finish(args, mode, cfg, device, trials, best, teacher_rows, teacher_scores, 
               "methods": methods, "paired": paired, "wall_seconds": time.perf_counter() - started,
               "command": " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": device_name(device), "commit": git_commit(), **versions()}
+              "device": device_name(device), "jobs": args.jobs, "commit": git_commit(), **versions(),
+              "switchkd_path": str(Path(switchkd.__file__).resolve().parent)}
     report["regime"] = quality_report.regime(report)
     report["claims"] = quality_report.claims(report)
     report["test_reference_lengths"] = lengths

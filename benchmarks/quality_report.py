@@ -143,19 +143,37 @@ def regime(report):
 
 
 def claims(report):
-    """One verdict per claim: supported (interval above 0), contradicted (below 0) or not resolved."""
-    out, last = [], bucket_names()[-1]
+    """Per compared method: verdicts of "SWITCH beats it" overall and on the longest references, and of
+    "SWITCH's gain over it grows with reference length": supported (interval above 0), contradicted
+    (below 0) or not resolved."""
+    out = []
     for name, cmp in report["paired"].items():
-        kind = "ablation" if name in ABLATIONS else "baseline"
-        out.append({"claim": f"SWITCH beats {name} on ROUGE-L", "kind": kind, **_claim(cmp["rougeL"])})
-        if last in cmp["by_length"]:
-            out.append({"claim": f"SWITCH beats {name} on ROUGE-L for references of {last} tokens", "kind": kind,
-                        **_claim(cmp["by_length"][last])})
+        row = {"method": name, "kind": "ablation" if name in ABLATIONS else "baseline",
+               "beats_overall": _claim(cmp["rougeL"])}
+        if bucket_names()[-1] in cmp["by_length"]:
+            row["beats_longest"] = _claim(cmp["by_length"][bucket_names()[-1]])
         if "long_minus_short" in cmp:
-            out.append({"claim": f"SWITCH's ROUGE-L gain over {name} grows with reference length "
-                                 f"({last} minus {bucket_names()[0]})", "kind": kind,
-                        **_claim(cmp["long_minus_short"])})
+            row["gain_grows_with_length"] = _claim(cmp["long_minus_short"])
+        out.append(row)
     return out
+
+
+def summary(report) -> str:
+    """One paragraph: is the run in the paper's regime, and which claims it supports, contradicts or leaves open."""
+    labels = {"beats_overall": "SWITCH beats {} on ROUGE-L",
+              "beats_longest": "SWITCH beats {} on the longest references",
+              "gain_grows_with_length": "SWITCH's gain over {} grows with reference length"}
+    found = {"supported": [], "contradicted": [], "not resolved": []}
+    for c in report["claims"]:
+        for key, label in labels.items():
+            if key in c:
+                found[c[key]["verdict"]].append(label.format(c["method"]))
+    in_regime = all(c["holds"] for c in report["regime"])
+    text = ["In the paper's regime (every check above holds)." if in_regime else
+            "NOT in the paper's regime (a check above fails): the verdicts do not test the paper's claim."]
+    for verdict in ("supported", "contradicted", "not resolved"):
+        text.append(f"{verdict.capitalize()} ({len(found[verdict])}): " + ("; ".join(found[verdict]) or "none") + ".")
+    return " ".join(text)
 
 
 def _claim(ci):
@@ -200,9 +218,18 @@ def _paired_table(report):
 def _verdicts(report):
     lines = ["", "Regime checks:", ""]
     lines += [f"- {c['check']}: {'yes' if c['holds'] else 'NO'} ({c['value']})" for c in report["regime"]]
-    if report["claims"]:
-        lines += ["", "Claims (supported: interval above 0; contradicted: below 0; otherwise not resolved):", ""]
-        lines += [f"- {c['claim']}: **{c['verdict']}** ({c['difference']})" for c in report["claims"]]
+    if not report["claims"]:
+        return lines
+    lines += ["", summary(report)]
+    first, last = bucket_names()[0], bucket_names()[-1]
+    lines += ["", "Claims, per compared method (supported: 95% interval of SWITCH minus it above 0; contradicted: "
+                  "below 0; otherwise not resolved):", "",
+              f"| method | SWITCH beats it (ROUGE-L) | ... on references of {last} tokens | SWITCH's gain grows with "
+              f"length ({last} vs {first}) |", "| --- | --- | --- | --- |"]
+    for c in report["claims"]:
+        cells = [c["method"], *[f"**{c[k]['verdict']}** {c[k]['difference']}" if k in c else "-"
+                                for k in ("beats_overall", "beats_longest", "gain_grows_with_length")]]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

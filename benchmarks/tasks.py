@@ -1,8 +1,8 @@
 """Built-in instruction tasks with deterministic references, for benchmarks that must run offline.
 
 Responses range from 1 to 279 tokens of the word-level tokenizer (a word, a number, a letter, a
-space or a punctuation mark is one token; 5-279 in the quality benchmark's test split). Every task is a pure function of a random
-generator, and splits are drawn from one seed.
+space or a punctuation mark is one token; 5-279 in the quality benchmark's test split). Every task
+is a pure function of a random generator, and splits are drawn from one seed.
 
 The long tasks count down to 1, so the place to stop is a local signal (the item that holds 1)
 that a small model learns; an earlier set (count a to b, repeat k times, reverse, sort) left

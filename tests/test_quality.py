@@ -53,3 +53,16 @@ def test_paired_bootstrap_finds_a_real_difference_and_not_a_null_one():
     null = quality_report.paired(noise, runs, lengths)
     assert null["rougeL"]["low"] < 0 < null["rougeL"]["high"]
     assert quality_report.bucket(31) == "0-31" and quality_report.bucket(192) == "192+"
+
+
+def test_device_mode_trains_its_own_teacher_and_student_start():
+    import build_assets
+    from transformers import AutoTokenizer
+
+    import quality
+
+    tokenizer = AutoTokenizer.from_pretrained(build_assets.ASSETS / "tokenizer")
+    data = build_assets.datasets(tokenizer, rows=(64, 4, 4), names=["train"])
+    cfg = {"teacher": (1, 32), "student": (1, 32), "teacher_steps": 2, "sft_steps": 2}
+    teacher, start = quality.load_models(cfg, tokenizer, data, "cpu")
+    assert not teacher.training and teacher.config.hidden_size == start.config.hidden_size == 32
