@@ -54,7 +54,7 @@ METHODS = {
 
 # sweep: (tau0, decay) tried with srkl; sweep_losses: other loss kinds tried at the best (tau0, decay).
 # validation/test: how many rows of those splits are scored (None = all).
-FULL = {"steps": 10, "batch": 32, "lr": 1e-3, "max_new": 288, "seeds": [0, 1, 2, 3, 4], "validation": 48,
+FULL = {"steps": 30, "batch": 32, "lr": 1e-3, "max_new": 288, "seeds": [0, 1, 2, 3, 4], "validation": 48,
         "test": None, "sweep": [(0.01, 0.0005), (0.03, 0.001), (0.1, 0.005), (0.3, 0.01)], "sweep_losses": []}
 QUICK = {"steps": 3, "batch": 4, "lr": 1e-3, "max_new": 64, "seeds": [0], "validation": 8, "test": 24,
          "sweep": [(0.3, 0.01)], "sweep_losses": []}
