@@ -28,7 +28,9 @@ def test_quick_quality_report(tmp_path, reference_backend):
     for cmp in report["paired"].values():
         for ci in [cmp["rougeL"], cmp["exact_match"], *cmp["by_length"].values()]:
             assert ci["low"] <= ci["mean"] + 1e-12 and ci["mean"] <= ci["high"] + 1e-12
-    assert {c["verdict"] for c in report["claims"]} <= {"supported", "contradicted", "not resolved"}
+    verdicts = {c[k]["verdict"] for c in report["claims"] for k in ("beats_overall", "beats_longest") if k in c}
+    assert verdicts and verdicts <= {"supported", "contradicted", "not resolved"}
+    assert [c["method"] for c in report["claims"]] == list(report["paired"])
     assert [c["check"] for c in report["regime"]][0].startswith("teacher exact match")
     text = out.with_suffix(".md").read_text()
     assert "| SWITCH |" in text and "Paired differences" in text and "Claims" in text
