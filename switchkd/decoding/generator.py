@@ -58,7 +58,6 @@ def output_vocab_size(model) -> int:
     return head.weight.shape[0] if head is not None else model.config.vocab_size
 
 
-_vocab_size = output_vocab_size  # the name cli.py imports until it moves to output_vocab_size
 
 
 def _context_length(model) -> int | None:
