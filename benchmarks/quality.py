@@ -54,7 +54,7 @@ METHODS = {
 
 # sweep: (tau0, decay) tried with srkl; sweep_losses: other loss kinds tried at the best (tau0, decay).
 # validation/test: how many rows of those splits are scored (None = all).
-FULL = {"steps": 30, "batch": 32, "lr": 1e-3, "max_new": 288, "seeds": [0, 1, 2, 3, 4], "validation": 48,
+FULL = {"steps": 30, "batch": 32, "lr": 3e-4, "max_new": 288, "seeds": [0, 1, 2, 3, 4], "validation": 48,
         "test": None, "sweep": [(0.01, 0.0005), (0.03, 0.001), (0.1, 0.005), (0.3, 0.01)], "sweep_losses": []}
 QUICK = {"steps": 3, "batch": 4, "lr": 1e-3, "max_new": 64, "seeds": [0], "validation": 8, "test": 24,
          "sweep": [(0.3, 0.01)], "sweep_losses": []}
@@ -222,7 +222,9 @@ def main(argv=None):
     _CONTEXT.update(teacher=teacher, start=start)
     teacher_rows = score_rows(teacher, tokenizer, data["test"], cfg)
     teacher_scores = quality_report.scores(teacher_rows, lengths)
-    log(f"teacher test ROUGE-L {100 * teacher_scores['overall']['rougeL']:.1f}")
+    start_rows = score_rows(start, tokenizer, data["test"], cfg)  # the SFT student start, before any method
+    log(f"teacher test ROUGE-L {100 * teacher_scores['overall']['rougeL']:.1f}, student start "
+        f"{100 * quality_report.scores(start_rows, lengths)['overall']['rougeL']:.1f}")
     trials, best = sweep(cfg, lambda params: _map(_trial, params, jobs))
     todo = [(name, seed, method_overrides(name, best, cfg)) for name in args.methods for seed in cfg["seeds"]]
     todo.sort(key=lambda job: job[1])  # seed by seed: a run cut short still has whole seeds
@@ -230,20 +232,23 @@ def main(argv=None):
     done = _map(_method_run, todo, jobs, lambda done: write_report(
         {"sweep": trials, "chosen": best, "teacher_rows": teacher_rows, "lengths": lengths, "done": done}, partial))
     runs = {name: sorted((run for n, run in done if n == name), key=lambda r: r["seed"]) for name in args.methods}
-    return finish(args, mode, cfg, device, trials, best, teacher_rows, teacher_scores, runs, lengths,
-                  _CONTEXT["started"], argv)
+    return finish(args, mode, cfg, device, trials, best, {"teacher": teacher_rows, "start": start_rows}, runs,
+                  lengths, _CONTEXT["started"], argv)
 
 
 def log(line):
     print(f"{line} ({time.perf_counter() - _CONTEXT['started']:.0f} s)", flush=True)
 
 
-def finish(args, mode, cfg, device, trials, best, teacher_rows, teacher_scores, runs, lengths, started, argv):
+def finish(args, mode, cfg, device, trials, best, reference_rows, runs, lengths, started, argv):
     """Statistics, verdicts, and the JSON, markdown and PNG files."""
     methods = {name: quality_report.summarise(method_runs) for name, method_runs in runs.items()}
     paired = {name: quality_report.paired(runs["SWITCH"], method_runs, lengths)
               for name, method_runs in runs.items() if name != "SWITCH" and "SWITCH" in runs}
-    report = {"mode": mode, "config": cfg, "sweep": trials, "chosen": best, "teacher": teacher_scores,
+    teacher_rows = reference_rows["teacher"]
+    report = {"mode": mode, "config": cfg, "sweep": trials, "chosen": best,
+              "teacher": quality_report.scores(teacher_rows, lengths),
+              "start": quality_report.scores(reference_rows["start"], lengths),
               "methods": methods, "paired": paired, "wall_seconds": time.perf_counter() - started,
               "command": " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -252,13 +257,13 @@ def finish(args, mode, cfg, device, trials, best, teacher_rows, teacher_scores, 
     report["regime"] = quality_report.regime(report)
     report["claims"] = quality_report.claims(report)
     report["test_reference_lengths"] = lengths
-    report["rows"] = {"teacher": teacher_rows, **{name: {r["seed"]: r["rows"] for r in method_runs}
+    report["rows"] = {**reference_rows, **{name: {r["seed"]: r["rows"] for r in method_runs}
                                                   for name, method_runs in runs.items()}}
     out = args.out or RESULTS / ("quality-quick.json" if mode == "quick" else f"quality{'-gpu' * (mode == 'gpu')}.json")
     write_report(report, out)
     table = quality_report.markdown(report)
     out.with_suffix(".md").write_text(table + "\n")
-    png = quality_report.plot(report, runs, teacher_rows, lengths, out.with_suffix(".png"))
+    png = quality_report.plot(report, runs, reference_rows, lengths, out.with_suffix(".png"))
     print(table)
     print(f"wrote {out}, {out.with_suffix('.md')}" + (f", {png}" if png else ""))
     return report
