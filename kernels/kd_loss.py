@@ -9,7 +9,7 @@ gradient). Few rows: ``_stats_kernel`` → ``_kd_loss_split_kernel`` → ``_grad
 import triton
 import triton.language as tl
 
-from .divergence import FKL, LOG2E, _grad_sweep, _loss_sweep, _zero_sweep
+from .divergence import FKL, _grad_sweep, _loss_sweep, _zero_sweep
 from .split import NO_SAMPLE, SUMS, _combine_stats, _row_stats, autotuned
 
 
@@ -22,7 +22,7 @@ def _kd_loss_kernel(
     weight_ptr,  # [] float32 gradient scale, e.g. 1 / kept rows (read only when HAS_WEIGHT)
     loss_ptr,  # [N] float32 output: per-row loss (0 on ignored rows, NaN on non-finite rows)
     grad_ptr,  # [N, V] output: weight * d loss_row / d student logits (written only when HAS_GRAD)
-    s_stride, t_stride, grad_stride, V, chunk, inv_temp, alpha, beta, ignore_index,
+    s_stride, t_stride, grad_stride, V, chunk, scale2, inv_temp, alpha, beta, ignore_index,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -30,7 +30,6 @@ def _kd_loss_kernel(
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
     grad_row = grad_ptr + row * grad_stride
-    scale2 = inv_temp * LOG2E
     keep = True
     if HAS_LABELS:
         keep = tl.load(labels_ptr + row) != ignore_index
@@ -63,7 +62,7 @@ def _kd_loss_split_kernel(
     stats_ptr,  # [N, S, 4] float32 per-split softmax statistics (from _stats_kernel)
     sums_ptr,  # [N, S, 4] float32 output: per-split (loss, sum(p_S g), -, -)
     grad_ptr,  # [N, V] output: fkl gradient, or zeros on ignored rows (written only when HAS_GRAD)
-    s_stride, t_stride, grad_stride, V, chunk, inv_temp, alpha, beta, ignore_index,
+    s_stride, t_stride, grad_stride, V, chunk, scale2, inv_temp, alpha, beta, ignore_index,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -81,7 +80,7 @@ def _kd_loss_split_kernel(
         m_s, lz_s, m_t, lz_t, valid = _combine_stats(stats_ptr, row, n_splits, SPLITS)
         grad_scale = inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp
         loss, g_sum = _loss_sweep(s_ptr + row * s_stride, t_ptr + row * t_stride, grad_row, lo, hi,
-                                  inv_temp * LOG2E, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, KIND, HAS_GRAD,
+                                  scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, KIND, HAS_GRAD,
                                   False, BLOCK)
         tl.store(out, tl.where(valid, loss, float("nan")))
         tl.store(out + 1, g_sum)

@@ -19,8 +19,8 @@ import os
 import triton
 import triton.language as tl
 
-from .divergence import LOG2E, NEG_BIG, _grad_sweep, _zero_sweep
-from .sampling import _argmax_update, _exp_noise2, _row_hash
+from .divergence import NEG_BIG, _grad_sweep, _zero_sweep
+from .sampling import _exp_noise2, _row_hash
 
 # Sampling modes of the statistics sweep.
 NO_SAMPLE: tl.constexpr = tl.constexpr(0)
@@ -97,26 +97,42 @@ def split_plan(rows: int, vocab: int, device, splits: int | None = None) -> tupl
 @triton.jit
 def _row_stats(x_row, lo, hi, scale2, key, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
     """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` and the best sampling
-    candidate: exponential race ``2^(x2 - m) / E`` (RACE; the exp2 is the softmax's own, the best score
-    is rescaled when ``m`` moves) or the raw logit (GREEDY)."""
-    m = NEG_BIG
-    z = 0.0
-    best = -float("inf") if SAMPLE == GREEDY else -1.0
-    col = lo
+    candidate: exponential race ``2^(x2 - m) / E`` (RACE; the exp2 is the softmax's own) or the raw logit
+    (GREEDY); ties go to the lowest column.
+
+    Every lane keeps its own running max, sum and candidate (rescaled by ``2^(m_old - m_new)`` when its
+    max moves), so the loop has no cross-thread reduction; the lanes are combined once at the end.
+    """
+    m = tl.full([BLOCK], NEG_BIG, tl.float32)
+    z = tl.zeros([BLOCK], dtype=tl.float32)
+    best = tl.full([BLOCK], -float("inf") if SAMPLE == GREEDY else -1.0, tl.float32)
+    col = tl.zeros([BLOCK], dtype=tl.int32) + lo
     for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(x_row + cols, mask=cols < hi, other=-float("inf")).to(tl.float32)
+        inside = cols < hi
+        x = tl.load(x_row + cols, mask=inside, other=-float("inf")).to(tl.float32)
         x2 = x * scale2
-        m_new = tl.maximum(m, tl.max(x2, 0))
+        m_new = tl.maximum(m, x2)
         rescale = tl.exp2(m - m_new)
         e = tl.exp2(x2 - m_new)
-        z = z * rescale + tl.sum(e, 0)
+        z = z * rescale + e
         if SAMPLE == RACE:
-            best, col = _argmax_update(e / _exp_noise2(key, cols), start, best * rescale, col)
+            score = tl.fdiv(e, _exp_noise2(key, cols))
+            best = best * rescale
+            take = (score > best) & inside
+            best = tl.where(take, score, best)
+            col = tl.where(take, cols, col)
         elif SAMPLE == GREEDY:
-            best, col = _argmax_update(x, start, best, col)
+            take = (x > best) & inside
+            best = tl.where(take, x, best)
+            col = tl.where(take, cols, col)
         m = m_new
-    return m, z, best, col
+    m_all = tl.max(m, 0)
+    lane = tl.exp2(m - m_all)
+    if SAMPLE == RACE:
+        best = best * lane
+    top = tl.max(best, 0)
+    return m_all, tl.sum(z * lane, 0), top, tl.min(tl.where(best == top, col, hi), 0)
 
 
 @triton.jit
@@ -195,7 +211,7 @@ def _grad_kernel(
     stats_ptr,  # [R, S, 4] float32 per-split softmax statistics
     sums_ptr,  # [R, S, 4] float32 per-split partial sums (field 1: sum(p_S g) in nats)
     grad_ptr,  # [R, V] output: d loss_row / d student logits
-    s_stride, t_stride, grad_stride, V, chunk, inv_temp, alpha, beta, ignore_index,
+    s_stride, t_stride, grad_stride, V, chunk, scale2, inv_temp, alpha, beta, ignore_index,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -212,7 +228,7 @@ def _grad_kernel(
         m_s, lz_s, m_t, lz_t, _ = _combine_stats(stats_ptr, row, n_splits, SPLITS)
         g_mean = _sum_splits(sums_ptr, row, n_splits, 1, SPLITS)
         scale = inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp
-        _grad_sweep(s_ptr + row * s_stride, t_ptr + row * t_stride, grad_row, lo, hi, inv_temp * LOG2E, scale, m_s,
+        _grad_sweep(s_ptr + row * s_stride, t_ptr + row * t_stride, grad_row, lo, hi, scale2, scale, m_s,
                     lz_s, m_t, lz_t, g_mean, alpha, beta, KIND, BLOCK)
     else:
         _zero_sweep(grad_row, lo, hi, BLOCK)

@@ -13,7 +13,7 @@ Launches over a ``(B, S)`` grid (``switchkd.kernels.split``):
 import triton
 import triton.language as tl
 
-from .divergence import LOG2E, NEG_BIG, _jsd_terms, _load2, _loss_tile
+from .divergence import NEG_BIG, _jsd_terms, _load2, _loss_tile
 from .split import STATS, SUMS, _combine_stats, _sum_splits, autotuned
 
 
@@ -49,7 +49,7 @@ def _switch_step_kernel(
     s_tokens_ptr,  # [B] int64 output: student sample (written by split 0)
     t_tokens_ptr,  # [B] int64 output: teacher sample (written by split 0)
     grad_ptr,  # [B, V] output: fkl gradient (written only when HAS_GRAD and KIND == FKL)
-    s_stride, t_stride, grad_stride, V, chunk, inv_temp, alpha, beta,
+    s_stride, t_stride, grad_stride, V, chunk, scale2, inv_temp, alpha, beta,
     TOPK: tl.constexpr, KIND: tl.constexpr, GREEDY: tl.constexpr, HAS_GRAD: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -77,7 +77,7 @@ def _switch_step_kernel(
     for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < hi
-        s2, t2 = _load2(s_row, t_row, cols, mask, inv_temp * LOG2E)
+        s2, t2 = _load2(s_row, t_row, cols, mask, scale2)
         loss_acc, g_acc, log_ps, ps, log_pt, pt = _loss_tile(s2, t2, cols, mask, grad_row, inv_temp, m_s, lz_s, m_t,
                                                              lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD)
         jsd_acc += tl.where(mask, _jsd_terms(log_ps, ps, log_pt, pt), 0.0)

@@ -45,7 +45,7 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
             "weight_ptr": loss if weight is None else weight, "grad_ptr": grad if need_grad else loss,
             "s_stride": student_logits.stride(0), "t_stride": teacher_logits.stride(0),
             "grad_stride": grad.stride(0) if need_grad else 0, "V": vocab, "chunk": chunk,
-            "inv_temp": 1.0 / temperature,
+            "scale2": LOG2E / temperature, "inv_temp": 1.0 / temperature,
             "alpha": float(alpha), "beta": float(beta), "ignore_index": ignore_index, "KIND": LOSS_CODES[kind],
             "HAS_LABELS": labels is not None, "HAS_WEIGHT": weight is not None}
     if n_splits == 1:
@@ -56,7 +56,7 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
     _stats_kernel[grid](s_ptr=student_logits, t_ptr=teacher_logits, positions_ptr=loss, row_keys_ptr=loss,
                         stats_ptr=stats, cand_ptr=stats, cand_col_ptr=stats, s_stride=args["s_stride"],
                         t_stride=args["t_stride"], V=vocab, chunk=chunk, position=0, seed_key=0,
-                        scale2=args["inv_temp"] * LOG2E, SAMPLE=NO_SAMPLE, POS_SCALAR=True, KEYS_ARANGE=True)
+                        scale2=args["scale2"], SAMPLE=NO_SAMPLE, POS_SCALAR=True, KEYS_ARANGE=True)
     split_args = {**args, "stats_ptr": stats, "sums_ptr": sums, "SPLITS": triton.next_power_of_2(n_splits)}
     _kd_loss_split_kernel[grid](HAS_GRAD=need_grad, **split_args)
     if need_grad and kind != "fkl":

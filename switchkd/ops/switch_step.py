@@ -27,6 +27,11 @@ from .stored_grad import attach_grad
 LOG2E = 1.4426950408889634
 
 
+def _scale2(temperature: float) -> float:
+    """``log2(e) / T``: logits to base-2 scores (T = 1 for greedy, whose divergences are at T = 1)."""
+    return LOG2E / temperature if temperature > 0 else LOG2E
+
+
 def _row_inputs(positions, row_keys, fallback: torch.Tensor) -> dict:
     """Kernel arguments for ``positions`` (int or ``[B]``) and ``row_keys`` (``[B]`` or None = arange)."""
     scalar = isinstance(positions, int)
@@ -68,14 +73,15 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
     work, rows = _workspace(batch, n_splits, device), _row_inputs(positions, row_keys, s_tokens)
     sums = torch.empty(batch, n_splits, 4, device=device, dtype=torch.float32)
     inv_temp, greedy, topk = 1.0 / temperature if temperature > 0 else 1.0, temperature == 0, policy.kind == "topk"
+    # one rounding of the base-2 scale, shared by every phase (and by ``sample``)
     logits = {"s_ptr": student_logits, "t_ptr": teacher_logits, "s_stride": student_logits.stride(0),
-              "t_stride": teacher_logits.stride(0), "V": vocab, "chunk": chunk}
+              "t_stride": teacher_logits.stride(0), "V": vocab, "chunk": chunk, "scale2": _scale2(temperature)}
     grads = {"grad_ptr": grad if need_grad else sums, "grad_stride": grad.stride(0) if need_grad else 0,
              "inv_temp": inv_temp, "alpha": float(alpha), "beta": float(beta), "KIND": LOSS_CODES[kind],
              "SPLITS": triton.next_power_of_2(n_splits), **work}
     grid = (batch, n_splits)
-    _stats_kernel[grid](**logits, **work, seed_key=reference.seed_hash(seed), scale2=inv_temp * LOG2E,
-                        SAMPLE=GREEDY if greedy else RACE, **rows)
+    _stats_kernel[grid](**logits, **work, seed_key=reference.seed_hash(seed), SAMPLE=GREEDY if greedy else RACE,
+                        **rows)
     _switch_step_kernel[grid](**logits, **grads, sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
                               TOPK=topk, GREEDY=greedy, HAS_GRAD=need_grad)
     thr = policy.coefficients()
@@ -215,7 +221,7 @@ def sample_triton(logits, positions, row_keys, *, temperature, seed, model):
     if batch > 0:
         _sample_kernel[(batch,)](
             x_ptr=logits, tokens_ptr=tokens, x_stride=logits.stride(0), V=vocab, seed_key=reference.seed_hash(seed),
-            scale2=LOG2E / temperature if temperature > 0 else 1.0, MODEL=model, GREEDY=temperature == 0,
+            scale2=_scale2(temperature), MODEL=model, GREEDY=temperature == 0,
             **_row_inputs(positions, row_keys, tokens), BLOCK=block, num_warps=8 if block >= 2048 else 4,
         )
     return tokens
