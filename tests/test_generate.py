@@ -202,3 +202,81 @@ def test_triton_switch_step_inside_generation(generate):
                               adaptive_draft=False)
     assert 0.0 < stepwise.teacher_share < 1.0
     assert drafted.responses == stepwise.responses
+
+
+# ------------------------------------------------------------------- padded LM heads (rows past the tokenizer)
+def padded(model, rows: int, scale: float = 60.0):
+    """A copy of ``model`` with ``rows`` output rows: the same weights on the first VOCAB, huge ones after."""
+    import copy
+
+    model = copy.deepcopy(model)
+    model.resize_token_embeddings(rows)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[VOCAB:] = torch.randn(rows - VOCAB, head.shape[1], dtype=head.dtype) * scale
+    return model
+
+
+@pytest.fixture(scope="module")
+def padded_pair():
+    teacher, student = pair("gpt2")
+    return teacher, student, padded(teacher, VOCAB + 3), padded(student, VOCAB + 11)
+
+
+@pytest.mark.parametrize("draft_len", [1, 4])
+@pytest.mark.parametrize("padded_teacher", [False, True], ids=["teacher", "padded_teacher"])
+def test_padded_rows_are_never_sampled_and_change_no_token(padded_pair, generate, draft_len, padded_teacher):
+    teacher, student, big_teacher, big_student = padded_pair
+    big_teacher = big_teacher if padded_teacher else teacher
+    request = {"policy": MIXED, "max_new_tokens": 16, "draft_len": draft_len, "adaptive_draft": False, "seed": 3}
+    plain = generate(teacher, student, PROMPTS, **request)
+    out = generate(big_teacher, big_student, PROMPTS, vocab_size=VOCAB, **request)
+    assert 0.0 < plain.teacher_share < 1.0
+    assert max(max(r) for r in out.responses) < VOCAB
+    assert out.responses == plain.responses
+    assert torch.equal(out.from_teacher, plain.from_teacher)
+    torch.testing.assert_close(out.divergence, plain.divergence, equal_nan=True)
+
+
+def test_without_vocab_size_the_padded_rows_are_sampled(padded_pair):
+    """The control of the test above: the padded rows' logits are large enough to be drawn."""
+    _, _, big_teacher, big_student = padded_pair
+    big_teacher = padded(big_teacher, VOCAB + 11)
+    out = switch_generate(big_teacher, big_student, PROMPTS, policy=SwitchPolicy("never"), max_new_tokens=8)
+    assert max(max(r) for r in out.responses) >= VOCAB
+
+
+def test_static_buffers_hold_only_the_token_columns(padded_pair):
+    teacher, student, _, big_student = padded_pair
+    generator = SwitchGenerator(teacher, big_student, cuda_graphs=True, vocab_size=VOCAB)
+    out = generator.generate(PROMPTS, policy=MIXED, max_new_tokens=6, draft_len=4, adaptive_draft=False)
+    assert max(max(r) for r in out.responses) < VOCAB
+    buffers = [lanes.student_logits for ws in generator.static.workspaces.values() for lanes in ws.lanes.values()]
+    assert buffers and all(b.shape[-1] == VOCAB for b in buffers)
+    logits = torch.zeros(2, 3, VOCAB + 11)
+    view = generator._model_pair.tokens_only(logits)
+    assert view.shape[-1] == VOCAB and view.data_ptr() == logits.data_ptr()  # a view, no copy
+
+
+@pytest.mark.parametrize(
+    "vocab_size, kwargs, match",
+    [
+        (VOCAB + 4, {}, "vocab_size=.* exceeds"),  # more than the teacher's rows
+        (0, {}, "vocab_size must be"),
+        (True, {}, "vocab_size must be"),
+        (VOCAB - 10, {"prompts": [[1, VOCAB - 5]]}, "outside"),
+        (VOCAB - 10, {"eos_token_id": VOCAB - 2}, "eos_token_id"),
+    ],
+)
+def test_bad_vocab_size_or_ids_past_it_raise(padded_pair, vocab_size, kwargs, match):
+    _, _, big_teacher, big_student = padded_pair
+    kwargs = {"prompts": PROMPTS, "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        switch_generate(big_teacher, big_student, vocab_size=vocab_size, **kwargs)
+
+
+def test_rows_may_differ_only_with_vocab_size(padded_pair):
+    teacher, _, _, big_student = padded_pair
+    with pytest.raises(ValueError, match="vocabulary mismatch.*vocab_size"):
+        SwitchGenerator(teacher, big_student)
+    assert SwitchGenerator(teacher, big_student, vocab_size=VOCAB).vocab_size == VOCAB

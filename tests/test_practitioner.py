@@ -162,6 +162,30 @@ def test_padded_rows_stay_out_of_the_loss_and_of_teacher_sampling(tmp_path):
     assert all(t < 103 for r in responses for t in r)  # switchkd generate/eval never sample the padded rows
 
 
+def test_a_padded_student_trains_with_switch_and_never_samples_a_padded_id(tmp_path, monkeypatch):
+    from switchkd.decoding.generator import SwitchGenerator
+
+    student = char_gpt2(1, 32, seed=2, vocab=120)  # 17 padded rows past the tokenizer's 103 tokens
+    with torch.no_grad():
+        student.lm_head.weight[103:] = torch.randn(17, 32) * 60  # huge padded logits
+        assert (student(torch.tensor([[5, 6, 7, 8]])).logits.argmax(-1) >= 103).any()
+    seen = []
+    generate = SwitchGenerator.generate
+
+    def spy(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        seen.append((self.vocab_size, out.responses))
+        return out
+
+    monkeypatch.setattr(SwitchGenerator, "generate", spy)
+    trainer = tiny_trainer(tmp_path, student=student, source="switch")  # the teacher has the tokenizer's 103 rows
+    trainer.train()
+    assert trainer.teacher.get_output_embeddings().weight.shape[0] == 103  # not resized: decoding slices instead
+    assert len(seen) == 2 and all(vocab == 103 for vocab, _ in seen)
+    tokens = [t for _, responses in seen for r in responses for t in r]
+    assert tokens and max(tokens) < 103
+
+
 # ---------------------------------------------------------------------------------------- 4. chat data
 def test_messages_rows_train_and_generate_with_the_same_prompt_text(work, tmp_path):
     out = tmp_path / "chat"

@@ -58,6 +58,21 @@ def output_vocab_size(model) -> int:
     return head.weight.shape[0] if head is not None else model.config.vocab_size
 
 
+def _token_columns(teacher, student, vocab_size: int | None) -> int:
+    """The sampled vocabulary: ``vocab_size`` (at most both models' output rows), else the shared row count."""
+    teacher_rows, student_rows = output_vocab_size(teacher), output_vocab_size(student)
+    if vocab_size is None:
+        if teacher_rows != student_rows:
+            raise ValueError(f"vocabulary mismatch: teacher has {teacher_rows} output tokens, student {student_rows}; "
+                             "the models must share a tokenizer (pass vocab_size, the tokenizer's length, when "
+                             "one of them has padded embedding rows)")
+        return student_rows
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    if vocab_size > min(teacher_rows, student_rows):
+        raise ValueError(f"vocab_size={vocab_size} exceeds the output rows of the teacher ({teacher_rows}) or the "
+                         f"student ({student_rows})")
+    return vocab_size
 
 
 def _context_length(model) -> int | None:
@@ -166,7 +181,7 @@ class SwitchGenerator:
 
     Args:
         teacher, student: Hugging Face causal LMs whose attention goes through ``AttentionInterface``
-            and whose output vocabularies have the same size.
+            and whose output vocabularies have the same size (or at least ``vocab_size`` rows each).
         block_size: tokens per KV block (flash-attn's paged kernel needs a multiple of 256).
         num_blocks: blocks per pool; ``None`` sizes the pools to each request (growing when needed).
             A fixed pool too small for a request is used in sub-batches; a prompt that alone needs
@@ -175,6 +190,9 @@ class SwitchGenerator:
             and replay each step from a CUDA graph; ``None`` = on when the models are on CUDA. On CPU,
             ``True`` runs the same static-shape steps without capture. Models that cannot be captured
             fall back to eager steps with a warning.
+        vocab_size: the tokenizer's length when an LM head has padded rows past it: sampling, the switch
+            step and the divergence see only the first ``vocab_size`` logit columns (a view, also inside the
+            captured steps), and prompts / EOS ids must lie below it. ``None``: every output row is a token.
 
     Example::
 
@@ -184,10 +202,8 @@ class SwitchGenerator:
     """
 
     def __init__(self, teacher, student, *, block_size: int = 16, num_blocks: int | None = None,
-                 cuda_graphs: bool | None = None):
-        if output_vocab_size(teacher) != output_vocab_size(student):
-            raise ValueError(f"vocabulary mismatch: teacher has {output_vocab_size(teacher)} output tokens, student "
-                             f"{output_vocab_size(student)}; the models must share a tokenizer")
+                 cuda_graphs: bool | None = None, vocab_size: int | None = None):
+        self.vocab_size = _token_columns(teacher, student, vocab_size)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks < 1):
@@ -196,7 +212,8 @@ class SwitchGenerator:
             raise ValueError(f"cuda_graphs must be True, False or None (auto), got {cuda_graphs!r}")
         self.teacher, self.student = teacher, student
         self.block_size, self.num_blocks = block_size, num_blocks
-        self.vocab_size = output_vocab_size(student)
+        # Logit columns past vocab_size (padded LM-head rows) are sliced off; None: both models' rows are tokens.
+        self._columns = None if vocab_size is None else self.vocab_size
         self.cuda_graphs = student.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.caches: tuple[PagedKVCache, PagedKVCache] | None = None  # (teacher, student)
         self.static: StaticDecoder | None = None  # its buffers and graphs, kept across requests
@@ -275,7 +292,7 @@ class SwitchGenerator:
                              f"max_new_tokens + draft_len) but the pool has {size}: raise num_blocks")
         if self.caches is None or self.caches[0].num_blocks < size:
             self.caches = (PagedKVCache(size, self.block_size), PagedKVCache(size, self.block_size))
-            self._model_pair = ModelPair(self.teacher, self.student, *self.caches)
+            self._model_pair = ModelPair(self.teacher, self.student, *self.caches, vocab_size=self._columns)
         return self._model_pair
 
     @staticmethod
@@ -324,7 +341,7 @@ def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: S
                     max_new_tokens: int = 256, temperature: float = 1.0, eos_token_id: int | list[int] | None = None,
                     seed: int = 0, draft_len: int = 4, adaptive_draft: bool = True, pad_token_id: int | None = None,
                     row_keys: list[int] | None = None, block_size: int = 16, num_blocks: int | None = None,
-                    cuda_graphs: bool | None = None) -> SwitchOutput:
+                    cuda_graphs: bool | None = None, vocab_size: int | None = None) -> SwitchOutput:
     """Generate with SWITCH: the student writes, the teacher takes over tokens the policy picks.
 
     Args:
@@ -340,12 +357,14 @@ def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: S
             ``adaptive_draft`` the generator measures the token rate of each power-of-two length up to
             ``draft_len`` and keeps the fastest (it falls to 1 when most tokens switch).
         block_size, num_blocks, cuda_graphs: KV pool geometry and step path (see :class:`SwitchGenerator`).
+        vocab_size: the tokenizer's length when a model's LM head has padded rows (never sampled); see
+            :class:`SwitchGenerator`.
 
     Returns:
         :class:`SwitchOutput` with ``sequences``, ``from_teacher``, ``divergence`` and counters.
     """
     generator = SwitchGenerator(teacher, student, block_size=block_size, num_blocks=num_blocks,
-                                cuda_graphs=cuda_graphs)
+                                cuda_graphs=cuda_graphs, vocab_size=vocab_size)
     return generator.generate(prompts, attention_mask, policy=policy, max_new_tokens=max_new_tokens,
                               temperature=temperature, eos_token_id=eos_token_id, seed=seed, draft_len=draft_len,
                               adaptive_draft=adaptive_draft, pad_token_id=pad_token_id, row_keys=row_keys)

@@ -170,7 +170,7 @@ class StaticDecoder:
         batch = lanes.student.batch(lanes.cursor)
         out = self.pair.student(input_ids=lanes.feed[:, None], position_ids=batch.positions, use_cache=False,
                                 logits_to_keep=1, **{ATTENTION_NAME: batch})
-        logits = out.logits[:, -1]
+        logits = self.pair.tokens_only(out.logits[:, -1])  # a view: the graph slices at a fixed shape
         if lanes.student_logits is None:
             lanes.student_logits = logits.new_empty(lanes.drafts.shape + logits.shape[-1:])
         lanes.student_logits.index_copy_(1, lanes.cursor, logits[:, None])
@@ -186,6 +186,7 @@ class StaticDecoder:
         inputs = torch.cat([state.pending[lanes.rows, None], lanes.drafts[:, : k - 1]], 1)
         logits = self.pair.teacher(input_ids=inputs, position_ids=batch.positions, use_cache=False,
                                    logits_to_keep=0, **{ATTENTION_NAME: batch}).logits
+        logits = self.pair.tokens_only(logits)
         step = decide(lanes.student_logits[:, :k], logits, state, lanes.rows, self.request)
         lanes.flags.copy_(commit(state, lanes.rows, step, k))
 

@@ -32,15 +32,20 @@ class ModelPair:
     student: torch.nn.Module
     teacher_cache: PagedKVCache
     student_cache: PagedKVCache
+    vocab_size: int | None = None  # the real tokens: logit columns past it (padded LM-head rows) are dropped
 
     @property
     def caches(self) -> tuple[PagedKVCache, PagedKVCache]:
         return self.teacher_cache, self.student_cache
 
+    def tokens_only(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits[..., :vocab_size]`` (a view): padded rows are never sampled nor in the divergence."""
+        return logits if self.vocab_size is None else logits[..., : self.vocab_size]
+
 
 def forward(model, cache: PagedKVCache, ids: list[int], counts: list[int], input_ids: torch.Tensor,
             stats: DecodeStats, last_only: bool) -> torch.Tensor:
-    """One forward of ``model`` over ``counts[b]`` new tokens of sequence ``ids[b]``; logits ``[B, q or 1, V]``."""
+    """One forward of ``model`` over ``counts[b]`` new tokens of sequence ``ids[b]``; logits ``[B, q or 1, rows]``."""
     start = time.perf_counter()
     batch = cache.prepare(ids, counts, input_ids.device)
     stats.bookkeeping_seconds += time.perf_counter() - start
@@ -71,8 +76,8 @@ def draft(pair: ModelPair, state: DecodeState, rows: torch.Tensor, ids: list[int
     feed, keys, generated = state.pending[rows], state.keys[rows], state.generated[rows]
     logits, drafts = [], []
     for j in range(k):
-        logits.append(forward(pair.student, pair.student_cache, ids, [1] * len(ids), feed[:, None], stats,
-                              last_only=True)[:, -1])
+        out = forward(pair.student, pair.student_cache, ids, [1] * len(ids), feed[:, None], stats, last_only=True)
+        logits.append(pair.tokens_only(out[:, -1]))
         stats.student_forwards += 1
         if j < k - 1:
             feed = sample(logits[-1], generated + j, temperature=request.temperature, seed=request.seed,
@@ -86,8 +91,8 @@ def score(pair: ModelPair, state: DecodeState, rows: torch.Tensor, ids: list[int
     """One teacher forward over ``[pending, d_0 .. d_{k-2}]``: logits ``[R, k, V]``."""
     inputs = torch.cat([state.pending[rows, None], drafts], 1)
     stats.teacher_forwards += 1
-    return forward(pair.teacher, pair.teacher_cache, ids, [inputs.shape[1]] * len(ids), inputs, stats,
-                   last_only=False)
+    return pair.tokens_only(forward(pair.teacher, pair.teacher_cache, ids, [inputs.shape[1]] * len(ids), inputs,
+                                    stats, last_only=False))
 
 
 def decide(student_logits: torch.Tensor, teacher_logits: torch.Tensor, state: DecodeState, rows: torch.Tensor,

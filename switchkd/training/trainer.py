@@ -51,8 +51,8 @@ class SwitchKDTrainer(Trainer):
     (a ``peft`` config, e.g. ``LoraConfig``) trains and saves only adapter weights. Teacher and student
     share the tokenizer (``processing_class``; ``teacher_processing_class`` is compared with it token by
     token when given or when the teacher is a path); output rows past the tokenizer's length (padded
-    embeddings) are left out of the loss, and a teacher with more padded rows than the student loses
-    them (``resize_token_embeddings``) so that both sample over the same rows.
+    embeddings) are left out of the loss and never sampled by SWITCH decoding (either model may have them);
+    a teacher with more padded rows than the student loses them (``resize_token_embeddings``).
 
     Example::
 
@@ -110,8 +110,8 @@ class SwitchKDTrainer(Trainer):
         if teacher_rows != student_rows and vocab is None:
             raise ValueError(f"teacher and student have {teacher_rows} and {student_rows} output rows: pass the "
                              "tokenizer (processing_class) to tell real tokens from padded rows")
-        if args.source != "dataset" or args.seq_kd:
-            match_teacher_rows(teacher, student_rows, vocab)
+        if (args.source != "dataset" or args.seq_kd) and teacher_rows > student_rows:
+            match_teacher_rows(teacher, student_rows, vocab)  # smaller teacher logits; decoding slices to vocab
         return vocab
 
     # ------------------------------------------------------------------------------------ sources
@@ -133,7 +133,8 @@ class SwitchKDTrainer(Trainer):
     def _generate(self, model, prompts, index, policy: SwitchPolicy):
         if self.generator is None:
             student = base_model(self.accelerator.unwrap_model(model))
-            self.generator = SwitchGenerator(self.teacher, student, block_size=self.args.block_size)
+            self.generator = SwitchGenerator(self.teacher, student, block_size=self.args.block_size,
+                                             vocab_size=self.vocab_size)  # padded rows are never sampled
         span = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else 1 << 32
         keys = (index + self.state.global_step * span).tolist()  # unique per example and step, any world size
         out = self.generator.generate(prompts, policy=policy, max_new_tokens=self.args.max_new_tokens,
