@@ -151,7 +151,7 @@ def test_padded_rows_stay_out_of_the_loss_and_of_teacher_sampling(tmp_path):
     trainer = tiny_trainer(tmp_path, teacher=char_gpt2(2, 64, seed=1, vocab=128), student=char_gpt2(1, 32, seed=2,
                                                                                                    vocab=110))
     assert trainer.vocab_size == len(tok) == 103
-    assert trainer.teacher.get_output_embeddings().weight.shape[0] == 110  # the student's rows: same sampling space
+    assert trainer.teacher.get_output_embeddings().weight.shape[0] == 128  # the user's teacher is left as it is
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     loss = trainer.compute_loss(trainer.model, batch)
     with torch.no_grad():  # huge logits on the padded columns change nothing when they are left out

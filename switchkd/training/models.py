@@ -98,18 +98,3 @@ def check_output_rows(model, vocab: int | None, name: str) -> int:
         raise ValueError(f"the {name} has {rows} output rows, fewer than the tokenizer's {vocab} tokens: "
                          "it was not trained with this tokenizer")
     return rows
-
-
-def match_teacher_rows(teacher, student_rows: int, vocab: int | None) -> None:
-    """Give the teacher the student's number of output rows for SWITCH decoding, by dropping its padded
-    rows (those past the tokenizer's ``vocab`` are no tokens). A student with more rows cannot be matched."""
-    teacher_rows = output_vocab_size(teacher)
-    if teacher_rows == student_rows:
-        return
-    if vocab is None or not vocab <= student_rows < teacher_rows:
-        raise ValueError(f"teacher and student have {teacher_rows} and {student_rows} output rows "
-                         f"(tokenizer: {vocab} tokens); generation needs the student's rows to cover the "
-                         "tokenizer and not exceed the teacher's")
-    logger.warning("teacher: dropping %d padded output rows past the tokenizer's %d tokens (student has %d)",
-                   teacher_rows - student_rows, vocab, student_rows)
-    teacher.resize_token_embeddings(student_rows)

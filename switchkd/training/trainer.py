@@ -24,7 +24,6 @@ from .models import (
     check_vocabularies,
     load_model,
     load_tokenizer,
-    match_teacher_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,8 +50,8 @@ class SwitchKDTrainer(Trainer):
     (a ``peft`` config, e.g. ``LoraConfig``) trains and saves only adapter weights. Teacher and student
     share the tokenizer (``processing_class``; ``teacher_processing_class`` is compared with it token by
     token when given or when the teacher is a path); output rows past the tokenizer's length (padded
-    embeddings) are left out of the loss and never sampled by SWITCH decoding (either model may have them);
-    a teacher with more padded rows than the student loses them (``resize_token_embeddings``).
+    embeddings) are left out of the loss and never sampled by SWITCH decoding (either model may have them;
+    neither is resized).
 
     Example::
 
@@ -79,7 +78,7 @@ class SwitchKDTrainer(Trainer):
         student = load_model(model, args.model_init_kwargs, name="model")
         teacher_model = load_model(teacher_model, args.teacher_model_init_kwargs, name="teacher_model")
         self.vocab_size = self._check_models(teacher_model, student, kwargs["processing_class"],
-                                             teacher_processing_class, args)
+                                             teacher_processing_class)
         if peft_config is not None:
             student = apply_peft(student, peft_config)
         train_dataset = as_distill_dataset(train_dataset, kwargs["processing_class"], "train_dataset")
@@ -100,7 +99,7 @@ class SwitchKDTrainer(Trainer):
         self._fused_linear_ok: bool | None = None
 
     @staticmethod
-    def _check_models(teacher, student, tokenizer, teacher_tokenizer, args) -> int | None:
+    def _check_models(teacher, student, tokenizer, teacher_tokenizer) -> int | None:
         """The tokenizer's length (None without a tokenizer); refuses different tokenizers or too few rows."""
         if tokenizer is not None and teacher_tokenizer is not None:
             check_vocabularies(teacher_tokenizer, tokenizer)
@@ -110,9 +109,7 @@ class SwitchKDTrainer(Trainer):
         if teacher_rows != student_rows and vocab is None:
             raise ValueError(f"teacher and student have {teacher_rows} and {student_rows} output rows: pass the "
                              "tokenizer (processing_class) to tell real tokens from padded rows")
-        if (args.source != "dataset" or args.seq_kd) and teacher_rows > student_rows:
-            match_teacher_rows(teacher, student_rows, vocab)  # smaller teacher logits; decoding slices to vocab
-        return vocab
+        return vocab  # decoding and the loss use the first `vocab` columns: padded rows are never touched
 
     # ------------------------------------------------------------------------------------ sources
     def _step_rng(self, index: torch.Tensor) -> random.Random:
