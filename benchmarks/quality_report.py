@@ -167,8 +167,9 @@ def summary(report) -> str:
     in_regime = all(c["holds"] for c in report["regime"])
     text = ["In the paper's regime (every check above holds)." if in_regime else
             "NOT in the paper's regime (a check above fails): the verdicts do not test the paper's claim."]
-    for verdict in ("supported", "contradicted", "not resolved"):
+    for verdict in ("supported", "contradicted"):
         text.append(f"{verdict.capitalize()} ({len(found[verdict])}): " + ("; ".join(found[verdict]) or "none") + ".")
+    text.append(f"Not resolved: the other {len(found['not resolved'])} of {sum(map(len, found.values()))} claims.")
     return " ".join(text)
 
 
@@ -181,12 +182,14 @@ def markdown(report) -> str:
     head = ["method", "ROUGE-L", "exact", *[f"R-L {b}" for b in buckets], "teacher share", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
 
-    def fmt(s, scale=100):
-        return f"{scale * s['mean']:.1f} ± {scale * s['std']:.1f}" if s["mean"] == s["mean"] else "-"
+    def fmt(s, scale=100, digits=1):
+        if s["mean"] is None or s["mean"] != s["mean"]:
+            return "-"
+        return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
     for name, m in report["methods"].items():
         cells = [name, fmt(m["rougeL"]), fmt(m["exact_match"]), *[fmt(m["by_length"][b]) for b in buckets],
-                 fmt(m["teacher_share"], 1), f"{m['seconds']['mean']:.0f}"]
+                 fmt(m["teacher_share"], 1, 2), f"{m['seconds']['mean']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for label, key in (("student start (SFT, before any method)", "start"), ("teacher", "teacher")):
         ref = report[key]
