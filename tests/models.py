@@ -46,7 +46,7 @@ def pair(family: str, dtype=torch.float64):
 
 
 def char_tokenizer():
-    """The character-level tokenizer of switchkd.tasks (<pad> = 0, <eos> = 1)."""
+    """The character-level tokenizer of benchmarks/tasks.py (<pad> = 0, <eos> = 1)."""
     from tasks import build_tokenizer
 
     return build_tokenizer("char")
