@@ -11,6 +11,9 @@ import statistics
 
 import numpy as np
 
+from switchkd.training.evaluate import bucket_names as evaluate_bucket_names
+from switchkd.training.evaluate import length_bucket
+
 BUCKETS = (32, 96, 192)
 PLOT_EDGES = (0, 16, 32, 64, 96, 128, 160, 192, 240, 300)
 N_BOOT = 2000
@@ -19,16 +22,11 @@ ABLATIONS = ("SWITCH-linear", "SWITCH-constant")
 
 
 def bucket(length: int, edges=BUCKETS) -> str:
-    low = 0
-    for edge in edges:
-        if length < edge:
-            return f"{low}-{edge - 1}"
-        low = edge
-    return f"{low}+"
+    return length_bucket(length, edges)
 
 
 def bucket_names(edges=BUCKETS):
-    return [bucket(edge - 1, edges) for edge in edges] + [bucket(edges[-1], edges)]
+    return evaluate_bucket_names(edges)
 
 
 def _stats(values):

@@ -71,7 +71,8 @@ def generate_responses(model, tokenizer, prompts: list[list[int]], *, max_new_to
     return responses
 
 
-def _bucket(length: int, edges) -> str:
+def length_bucket(length: int, edges=DEFAULT_BUCKETS) -> str:
+    """The name of the reference-length bucket of ``length`` tokens, e.g. ``"16-63"`` or ``"128+"``."""
     low = 0
     for edge in edges:
         if length < edge:
@@ -80,10 +81,15 @@ def _bucket(length: int, edges) -> str:
     return f"{low}+"
 
 
+def bucket_names(edges=DEFAULT_BUCKETS) -> list[str]:
+    """Every bucket's name, shortest first."""
+    return [length_bucket(edge - 1, edges) for edge in edges] + [length_bucket(edges[-1], edges)]
+
+
 def score(predictions: list[str], references: list[list[str]], reference_lengths: list[int],
           buckets=DEFAULT_BUCKETS) -> dict:
     """Mean ROUGE-L F and exact match (fractions) overall and per reference-length bucket; None when empty."""
-    rows = [(rouge_l(p, refs), float(any(p.strip() == r.strip() for r in refs)), _bucket(n, buckets))
+    rows = [(rouge_l(p, refs), float(any(p.strip() == r.strip() for r in refs)), length_bucket(n, buckets))
             for p, refs, n in zip(predictions, references, reference_lengths, strict=True)]
 
     def summary(selected):
@@ -91,13 +97,13 @@ def score(predictions: list[str], references: list[list[str]], reference_lengths
         return {"n": n, "rougeL": sum(r for r, _, _ in selected) / n if n else None,
                 "exact_match": sum(e for _, e, _ in selected) / n if n else None}
 
-    names = [_bucket(edge - 1, buckets) for edge in buckets] + [_bucket(buckets[-1], buckets)]
+    names = bucket_names(buckets)
     return {"overall": summary(rows), "by_length": {b: summary([r for r in rows if r[2] == b]) for b in names}}
 
 
 def evaluate(model, tokenizer, dataset, *, max_new_tokens: int = 128, temperature: float = 0.0, batch_size: int = 8,
              buckets=DEFAULT_BUCKETS, seed: int = 0, progress: bool = True) -> dict:
-    """Generate for every example of a :class:`switchkd.data.DistillDataset` and score against its responses."""
+    """Generate for every example of a :class:`~switchkd.training.data.DistillDataset`; score against its responses."""
     prompts = [item["prompt_ids"] for item in dataset.items]
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                    batch_size=batch_size, seed=seed, progress=progress)
