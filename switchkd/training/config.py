@@ -31,6 +31,13 @@ class SwitchKDConfig(TrainingArguments):
     ``gen_temperature`` (and ``kd_temperature``).
     """
 
+    # TrainingArguments fields restated only to keep the CLI's earlier short flags as aliases.
+    per_device_train_batch_size: int = field(default=8, metadata={
+        "aliases": ["--batch-size"], "help": "sequences per device per step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "aliases": ["--grad-accum"], "help": "micro-batches accumulated per optimizer step"})
+    use_cpu: bool = field(default=False, metadata={"aliases": ["--cpu"], "help": "train on the CPU even with a GPU"})
+
     source: Literal[SOURCES] = field(default="switch", metadata={"help": "where each step's sequences come from"})
     loss_kind: Literal[LOSS_KINDS] = field(default="srkl", metadata={"aliases": ["--loss"], "help": "KD loss kind"})
     kd_alpha: float = field(default=0.1, metadata={"aliases": ["--alpha"], "help": "skew of skl/srkl"})
