@@ -1,4 +1,4 @@
-"""fused_switch_step (one SWITCH decoding step in one launch) and sample (plain sampling, same noise)."""
+"""fused_switch_step (one SWITCH decoding step over vocabulary splits) and sample (plain sampling, same noise)."""
 
 from __future__ import annotations
 
