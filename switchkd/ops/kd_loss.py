@@ -65,15 +65,16 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
     return loss, grad
 
 
-def row_weight(n_rows: int, labels, ignore_index: int, reduction: str, device) -> torch.Tensor | None:
-    """The gradient weight of every row under ``reduction`` as a float32 device scalar (``mean``: 1 / kept
-    rows, 0 kept counting as 1; ``sum``: 1), or None for ``none``; no host sync."""
+def row_weight(n_rows: int, labels, ignore_index: int, reduction: str, device,
+               dtype=torch.float32) -> torch.Tensor | None:
+    """The gradient weight of every row under ``reduction`` as a device scalar (``mean``: 1 / kept rows,
+    0 kept counting as 1; ``sum``: 1), or None for ``none``; no host sync."""
     if reduction == "none":
         return None
     if reduction == "sum":
-        return torch.ones((), device=device, dtype=torch.float32)
+        return torch.ones((), device=device, dtype=dtype)
     kept = torch.tensor(n_rows, device=device) if labels is None else (labels != ignore_index).sum()
-    return 1.0 / kept.clamp_min(1).to(torch.float32)
+    return 1.0 / kept.clamp_min(1).to(dtype)
 
 
 def kd_loss(student_logits, teacher_logits, labels=None, *, kind="srkl", alpha=0.1, beta=0.5, temperature=1.0,

@@ -8,7 +8,7 @@ import math
 import torch
 
 from . import reference
-from .kd_loss import kd_loss_triton
+from .kd_loss import kd_loss_triton, row_weight
 from .spec import (
     canonical_kind,
     check_int,
@@ -151,11 +151,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
         rows, *ctx.grads = _chunked(student, teacher, labels, needs, weights, opts)
         if weights is not None:
             rows = rows * weights
-        if opts["reduction"] == "sum":
-            ctx.scale = torch.ones((), device=rows.device, dtype=rows.dtype)
-        else:
-            kept = rows.new_tensor(rows.shape[0]) if labels is None else (labels != opts["ignore_index"]).sum()
-            ctx.scale = 1.0 / kept.clamp_min(1).to(rows.dtype)
+        ctx.scale = row_weight(rows.shape[0], labels, opts["ignore_index"], opts["reduction"], rows.device, rows.dtype)
         return rows.sum() * ctx.scale
 
     @staticmethod
