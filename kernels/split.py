@@ -19,6 +19,8 @@ import os
 import triton
 import triton.language as tl
 
+from switchkd.ops.spec import triton_interpreted as interpreted
+
 from .divergence import NEG_BIG, _grad_sweep, _zero_sweep
 from .sampling import _exp_noise2, _row_hash
 
@@ -31,10 +33,6 @@ STATS: tl.constexpr = tl.constexpr(4)  # per split: m_s, z_s, m_t, z_t (base 2)
 SUMS: tl.constexpr = tl.constexpr(4)  # per split: loss, sum(p_S g), jsd, teacher rank of the student token
 MAX_SPLITS = 128
 COL_ALIGN = 128  # chunk boundaries fall on multiples of this many columns
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def gpu_tile_configs():

@@ -232,6 +232,11 @@ def rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def triton_interpreted() -> bool:
+    """Triton runs in its CPU interpreter (TRITON_INTERPRET=1, read when triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 _default_backend = os.environ.get("SWITCHKD_BACKEND", "auto")
 
 
@@ -271,7 +276,7 @@ def resolve_backend(x: torch.Tensor, backend: str) -> str:
         return "reference"
     if x.is_cuda:
         return "triton"
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpreted = triton_interpreted()
     if backend == "triton" and not interpreted:
         raise ValueError(
             "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 before "

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .spec import resolve_backend
 
 
 def scale_rows_(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
     """``grad[n] *= upstream[n]`` in place (``upstream`` ``[N]`` or a scalar). On the Triton path rows whose
     factor is exactly 1 are skipped on the device, so a ``loss.backward()`` costs no pass over ``grad``."""
     upstream = upstream.reshape(-1).expand(grad.shape[0])
-    if not (grad.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1") or grad.shape[0] == 0:
+    if resolve_backend(grad, "auto") != "triton" or grad.shape[0] == 0:
         return grad.mul_(upstream[:, None])
     launch_scale(grad, upstream)
     return grad
