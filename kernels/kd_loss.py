@@ -13,7 +13,7 @@ from .divergence import FKL, _grad_sweep, _loss_sweep, _zero_sweep
 from .split import NO_SAMPLE, SUMS, _combine_stats, _row_stats, autotuned
 
 
-@autotuned(key=["V", "KIND"])
+@autotuned(key=["V", "KIND"], writes_grad=True)
 @triton.jit
 def _kd_loss_kernel(
     s_ptr,  # [N, V] student logits
@@ -52,7 +52,7 @@ def _kd_loss_kernel(
             _zero_sweep(grad_row, 0, V, BLOCK)
 
 
-@autotuned(key=["V", "chunk", "KIND"])
+@autotuned(key=["V", "chunk", "KIND"], writes_grad=True)
 @triton.jit
 def _kd_loss_split_kernel(
     s_ptr,  # [N, V] student logits

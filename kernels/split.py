@@ -64,9 +64,34 @@ def prune_tiles(configs, nargs, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK"])]
 
 
-def autotuned(key):
-    """``triton.autotune`` with switchkd's tile configs and pruning, keyed on ``key`` (+ dtypes)."""
-    return triton.autotune(configs=tile_configs(), key=key, prune_configs_by={"early_config_prune": prune_tiles})
+class InPlaceGradGuard:
+    """Autotuner hooks for a kernel that may write its gradient over the student logits (``grad_ptr`` is
+    ``s_ptr``, as ``fused_linear_kd_loss`` does): the logits are saved before each timing run and put back
+    after it, so every config is timed, and the chosen one run, on the real logits. No copy otherwise."""
+
+    def __init__(self):
+        self.saved = None
+
+    def before(self, kwargs, reset_only=False):
+        logits, grad = kwargs["s_ptr"], kwargs["grad_ptr"]
+        if not reset_only and grad.data_ptr() == logits.data_ptr():
+            self.saved = logits.clone()
+
+    def after(self, kwargs, exception=None):
+        if self.saved is not None:
+            kwargs["s_ptr"].copy_(self.saved)
+            self.saved = None
+
+
+def autotuned(key, writes_grad=False):
+    """``triton.autotune`` with switchkd's tile configs and pruning, keyed on ``key`` (+ dtypes);
+    ``writes_grad``: the kernel may write ``grad_ptr`` in place of ``s_ptr`` (see :class:`InPlaceGradGuard`)."""
+    hooks = {}
+    if writes_grad:
+        guard = InPlaceGradGuard()
+        hooks = {"pre_hook": guard.before, "post_hook": guard.after}
+    return triton.autotune(configs=tile_configs(), key=key, prune_configs_by={"early_config_prune": prune_tiles},
+                           **hooks)
 
 
 @functools.cache
@@ -199,7 +224,7 @@ def _stats_kernel(
         tl.store(cand_col_ptr + out * 2 + 1, col_t)
 
 
-@autotuned(key=["V", "chunk", "KIND"])
+@autotuned(key=["V", "chunk", "KIND"], writes_grad=True)
 @triton.jit
 def _grad_kernel(
     s_ptr,  # [R, V] student logits
@@ -208,7 +233,7 @@ def _grad_kernel(
     weight_ptr,  # [] float32 gradient scale (read only when HAS_WEIGHT)
     stats_ptr,  # [R, S, 4] float32 per-split softmax statistics
     sums_ptr,  # [R, S, 4] float32 per-split partial sums (field 1: sum(p_S g) in nats)
-    grad_ptr,  # [R, V] output: d loss_row / d student logits
+    grad_ptr,  # [R, V] output: d loss_row / d student logits (may be s_ptr: each tile is read before written)
     s_stride, t_stride, grad_stride, V, chunk, scale2, inv_temp, alpha, beta, ignore_index,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK: tl.constexpr,

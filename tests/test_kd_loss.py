@@ -105,6 +105,38 @@ def test_every_gpu_tile_matches_reference(rows, vocab, splits, block):
 
 
 @pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("kind, params", [KINDS[0], KINDS[3], KINDS[5]], ids=str)
+def test_gradient_written_over_the_student_logits(kind, params, splits):
+    """``grad_out=`` the student logits (what fused_linear_kd_loss does): the same loss and gradient, bit for bit,
+    on the per-row kernel and the split kernels, ignored rows included."""
+    s, t = random_logits(5, 1271, torch.bfloat16), random_logits(5, 1271, torch.bfloat16)
+    labels = torch.tensor([3, -100, 0, 7, -100], device=DEVICE)
+    args = {"kind": kind, "alpha": params.get("alpha", 0.1), "beta": params.get("beta", 0.5), "temperature": 1.3,
+            "ignore_index": -100, "need_grad": True, "splits": splits}
+    rows, grad = kd_loss_triton(s, t, labels, **args)
+    buffer = s.clone()
+    rows_in_place, grad_in_place = kd_loss_triton(buffer, t, labels, grad_out=buffer, **args)
+    assert grad_in_place.data_ptr() == buffer.data_ptr()
+    assert torch.equal(rows_in_place, rows) and torch.equal(grad_in_place, grad)
+    with pytest.raises(ValueError, match="grad_out"):
+        kd_loss_triton(s, t, labels, grad_out=buffer.float(), **args)
+
+
+def test_in_place_guard_restores_the_logits_after_each_timing_run():
+    """The autotuner's hooks: aliased logits are saved before a timing run and restored after it; else no copy."""
+    guard = split_kernels.InPlaceGradGuard()
+    logits = torch.randn(3, 5)
+    original = logits.clone()
+    guard.before({"s_ptr": logits, "grad_ptr": logits})
+    logits.zero_()  # what a timing run does to aliased logits
+    guard.after({"s_ptr": logits, "grad_ptr": logits}, exception=None)
+    assert torch.equal(logits, original) and guard.saved is None
+    guard.before({"s_ptr": logits, "grad_ptr": torch.empty_like(logits)})
+    guard.before({"s_ptr": logits, "grad_ptr": logits}, reset_only=True)
+    assert guard.saved is None
+
+
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_reductions_and_ignore_index(reduction, splits, backend, monkeypatch):
     s = random_logits(2 * 19, 523).view(2, 19, 523)

@@ -103,6 +103,24 @@ def test_bf16_error_within_twice_plain_torch(kind, params, reduction):
         assert_error_ratio(name, g, r, p, BF16_ATOL[name])
 
 
+def test_each_chunk_gradient_overwrites_its_student_logits(monkeypatch):
+    """Two [chunk, V] buffers per chunk on the Triton path: the kernel writes the gradient over the student logits."""
+    from switchkd.ops import linear_kd
+
+    calls = []
+
+    def spy(s_logits, t_logits, labels, **kwargs):
+        calls.append(kwargs.get("grad_out") is s_logits)
+        return real(s_logits, t_logits, labels, **kwargs)
+
+    real = linear_kd.kd_loss_triton
+    monkeypatch.setattr(linear_kd, "kd_loss_triton", spy)
+    (s_h, s_w, _), (t_h, t_w, _), labels = inputs(rows=9, bias=False)
+    s_h.requires_grad_()
+    fused_linear_kd_loss(s_h, s_w, t_h, t_w, labels, kind="jsd", chunk_rows=4, backend="triton").backward()
+    assert calls == [True] * 3 and LIVE_BUFFERS == 2
+
+
 @pytest.mark.parametrize("rows, vocab, chunk_rows", [(1, 1, None), (3, 7, 2), (41, 1271, 40), (5, 50257, None)])
 def test_awkward_sizes(rows, vocab, chunk_rows, backend):
     student, teacher, labels = inputs(rows=rows, vocab=vocab, h_s=5, h_t=3, dtype=torch.float64)

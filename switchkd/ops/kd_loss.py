@@ -24,20 +24,26 @@ LOG2E = 1.4426950408889634
 
 
 def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta, temperature, ignore_index,
-                   need_grad, weight=None, splits=None):
+                   need_grad, weight=None, splits=None, grad_out=None):
     """Run the kd_loss kernels on ``[N, V]`` logits (last dim contiguous): one program per row when there
     are enough rows to fill the GPU, else statistics / loss / gradient phases over vocabulary splits.
 
     Returns ``(loss_rows [N] float32, grad [N, V] in the student dtype or None)``; ``grad`` is the
     gradient of each row's loss (zero on ignored rows) times ``weight`` (a device scalar, default 1),
-    to be scaled by the upstream gradient. ``splits`` overrides the split count (tests).
+    to be scaled by the upstream gradient. ``grad_out``: where to write it (like the student logits; may
+    be the student logits themselves, which are then overwritten: every tile is read before it is
+    written). ``splits`` overrides the split count (tests).
     """
     from ..kernels.kd_loss import _kd_loss_kernel, _kd_loss_split_kernel
     from ..kernels.split import NO_SAMPLE, _grad_kernel, _stats_kernel, split_plan
 
     (n_rows, vocab), device = student_logits.shape, student_logits.device
     loss = torch.empty(n_rows, device=device, dtype=torch.float32)
-    grad = torch.empty_like(student_logits) if need_grad else None
+    grad = None
+    if need_grad:
+        grad = torch.empty_like(student_logits) if grad_out is None else grad_out
+        if grad.shape != student_logits.shape or grad.dtype != student_logits.dtype or grad.stride(-1) != 1:
+            raise ValueError("grad_out must have the student logits' shape and dtype, last dim contiguous")
     if n_rows == 0:
         return loss, grad
     n_splits, chunk = split_plan(n_rows, vocab, device, splits)

@@ -19,9 +19,9 @@ from .spec import (
     resolve_backend,
 )
 
-# Live [chunk_rows, V] buffers per chunk: student logits, teacher logits and the student logits' gradient
-# (kd_loss_triton returns a fresh gradient buffer; with an in-place launcher this would be 2).
-LIVE_BUFFERS = 3
+# Live [chunk_rows, V] buffers per chunk: the student logits (the kernels write their gradient over them) and
+# the teacher logits.
+LIVE_BUFFERS = 2
 CPU_CHUNK_BYTES = 2**27  # CPU: 128 MiB of live chunk buffers
 MAX_CHUNK_BYTES = 3 * 2**28  # CUDA: at most 768 MiB of live chunk buffers, and at most a quarter of the free memory
 ROW_ALIGN = 128  # chunk rows rounded to the tensor-core tile height when larger
@@ -76,8 +76,8 @@ def _logits(hidden, weight, bias):
 
 def _rows_and_logit_grad(s_logits, t_logits, labels, backend, need_grad, loss_args):
     """Per-row loss of one chunk and, if ``need_grad``, d(row loss)/d(student logits), on the chosen backend."""
-    if backend == "triton":
-        return kd_loss_triton(s_logits, t_logits, labels, need_grad=need_grad, **loss_args)
+    if backend == "triton":  # the gradient overwrites the chunk's student logits: no third [rows, V] buffer
+        return kd_loss_triton(s_logits, t_logits, labels, need_grad=need_grad, grad_out=s_logits, **loss_args)
     if not need_grad:
         return reference.kd_loss(s_logits, t_logits, labels, reduction="none", **loss_args), None
     with torch.enable_grad():
