@@ -18,7 +18,9 @@ bench: install
 lint: install
 	$(PYTHON) -m ruff check switchkd kernels benchmarks tests setup.py
 
-# On one CUDA GPU without internet (wheels/ may hold Liger-Kernel etc.): install, GPU tests, throughput.
+# On one CUDA GPU without internet (wheels/ may hold Liger-Kernel etc.): install, GPU tests, every throughput
+# section, each stage under its own time limit (about 9 minutes in all). Options as variables, e.g.
+# `make bench-gpu SECTIONS="decode train" TESTS=none OUT=/tmp/out`; `DRY_RUN=1` lists the stages (gpu_check.sh).
 .PHONY: bench-gpu
 bench-gpu:
 	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh

@@ -5,7 +5,7 @@ JSD and sampling in PyTorch); ``switchkd`` eager steps: stepwise (draft_len 1), 
 adaptive (up to 8); ``switchkd_graph``: the static-shape path, adaptive up to 8, its steps replayed
 from CUDA graphs (on CPU the same static-shape steps run without capture). Random-weight model
 pairs; the threshold tau0 is calibrated on the pair (a quantile of the JSDs of a student-only run)
-so that about 50% (the paper's regime) or 20% of the tokens switch.
+so that about 50% (the paper's regime) or, on CPU, also 20% of the tokens switch.
 """
 
 from __future__ import annotations
@@ -102,14 +102,14 @@ def bookkeeping_row(batch=64, context=512, steps=500):
             "dtype": "-", "mode": "host", "bookkeeping_us_per_step": us}
 
 
-def run_decode(device, dtype, pair_names, batches, prompt_len, max_new_tokens, vocab):
+def run_decode(device, dtype, pair_names, batches, prompt_len, max_new_tokens, vocab, shares=(0.5, 0.2)):
     rows = [bookkeeping_row()]
     for name in pair_names:
         teacher_kwargs, student_kwargs, family = PAIRS[name]
         torch.manual_seed(0)
         teacher = build(teacher_kwargs, family, vocab, dtype, device)
         student = build(student_kwargs, family, vocab, dtype, device)
-        for batch, share in [(b, share) for b in batches for share in (0.5, 0.2)]:
+        for batch, share in [(b, share) for b in batches for share in shares]:
             prompts = torch.randint(0, vocab, (batch, prompt_len), device=device)
             policy = calibrated_policy(teacher, student, prompts, max_new_tokens, share=share)
             tau0 = policy.tau0
@@ -141,9 +141,11 @@ def run_decode(device, dtype, pair_names, batches, prompt_len, max_new_tokens, v
     return rows
 
 
-# Decode: (model pairs, batches, prompt length, new tokens, vocabulary).
-GPU_DECODE = (["gpt2-large/small", "llama-1b/160m"], [1, 16, 64], 64, 128, 32000)
-CPU_DECODE = (["gpt2-tiny"], [8], 16, 96, 8192)
+# Decode: (model pairs, batches, prompt length, new tokens, vocabulary, switched shares). On a GPU the issue's
+# Llama pair at about half the tokens switched: ~40 s per batch (the plain HF loop alone ~13 s on the H200),
+# so batch 1, 16 and 64 fit its 3 minutes; the GPT-2 pair and the 20% share would each double that.
+GPU_DECODE = (["llama-1b/160m"], [1, 16, 64], 64, 128, 32000, (0.5,))
+CPU_DECODE = (["gpt2-tiny"], [8], 16, 96, 8192, (0.5, 0.2))
 
 
 def run(section, ctx):
