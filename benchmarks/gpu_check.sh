@@ -32,7 +32,9 @@ default_tests() {
     local tests="tests/test_decode_graph.py tests/test_switch_step.py tests/test_kd_loss.py tests/test_sample.py"
     tests+=" tests/test_policy.py tests/test_linear_kd.py"
     local f
-    for f in $(grep -lE "skipif\(.*cuda" tests/test_*.py 2>/dev/null); do [[ " $tests " == *" $f "* ]] || tests+=" $f"; done
+    for f in $(grep -lE "skipif\(.*cuda" tests/test_*.py 2>/dev/null); do
+        [[ " $tests " == *" $f "* ]] || tests+=" $f"
+    done
     echo "$tests"
 }
 TESTS=${TESTS:-$(default_tests)}
@@ -102,7 +104,11 @@ try:
 except ImportError:
     liger = "no liger-kernel (liger rows skipped)"
 name = torch.cuda.get_device_name() if cuda else "cpu"
-line = f"{name} | torch {torch.__version__} | triton {triton.__version__} | transformers {transformers.__version__} | {liger}"
+props = torch.cuda.get_device_properties(0) if cuda else None
+card = f" ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, sm_{props.major}{props.minor})" \
+    if cuda else ""
+line = (f"{name}{card} | torch {torch.__version__} | triton {triton.__version__} | "
+        f"transformers {transformers.__version__} | {liger}")
 print(line)
 slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40]
 open(sys.argv[1], "w").write(f"{slug}\n{line}\n")
@@ -114,7 +120,7 @@ do_install() {
     local wheels=(wheels/*.whl)
     if ((${#wheels[@]})); then
         # --no-deps: torch, triton and transformers come with the image; the wheels are the optional peers.
-        "$PYTHON" -m pip install -q --no-index --no-deps "${wheels[@]}" || return 1
+        "$PYTHON" -m pip install -q --no-index --no-deps "${wheels[@]}" || echo "WARNING: wheels/ not installed"
     fi
     "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . || return 1
 }
@@ -165,7 +171,7 @@ write_summary() {
         echo "# bench-gpu $STAMP"
         echo
         echo "device: $DEVICE_LINE"
-        echo "commit: ${COMMIT:-not given (COMMIT=...)}; sources: $(source_hash) (sha256 of switchkd/ kernels/ csrc/ benchmarks/ tests/ sources; see gpu_plan.md)"
+        echo "commit: ${COMMIT:-not given (COMMIT=...)}; sources: $(source_hash) (gpu_plan.md: how to compare)"
         echo "sections: $SECTIONS | budget ${BUDGET} s | elapsed $(($(date +%s) - START)) s"
         echo "tests: $TESTS_LINE"
         echo
@@ -226,7 +232,9 @@ for section in $SECTIONS; do
 done
 for group in "${groups[@]}"; do
     sections=$group
-    [[ $group == ops ]] && sections=$(for s in switch_step kd_loss; do [[ " $SECTIONS " == *" $s "* ]] && echo -n "$s "; done)
+    if [[ $group == ops ]]; then
+        sections=$(for s in switch_step kd_loss; do [[ " $SECTIONS " == *" $s "* ]] && echo -n "$s "; done)
+    fi
     json=$RESULTS/throughput-$SLUG-$STAMP-$group.json
     run_stage "$group" "$LOGS/$group.log" "$PYTHON" benchmarks/throughput.py --sections $sections --out "$json"
     if [[ -f "$json" ]]; then
