@@ -42,7 +42,7 @@ BUDGET=${BUDGET:-540}
 OUT=${OUT:-}
 DRY_RUN=${DRY_RUN:-}
 # Per-stage limits (s). Expected on one H100/H200 (benchmarks/gpu_plan.md has the arithmetic):
-# install 30-50, tests 60-120, linear_kd 25-40, decode 120-170, train 50-90, switch_step+kd_loss 90-150.
+# install 30-50, tests 60-120, linear_kd 25-40, decode 150-175, train 45-80, switch_step+kd_loss 90-150.
 declare -A LIMIT=([install]=120 [tests]=150 [linear_kd]=90 [decode]=210 [train]=150 [ops]=200)
 RESERVE=15  # kept back for the tables, the summary and the copies to OUT
 
