@@ -246,7 +246,7 @@ done
 
 echo
 sed '/^## /,$d' "$SUMMARY"
-echo "results: $RESULTS/*$STAMP*${OUT:+; copied to $OUT}"
+[[ -z "$DRY_RUN" ]] && echo "results: $RESULTS/*$STAMP*${OUT:+; copied to $OUT}"
 failed=0
 for row in "${STAGES[@]}"; do [[ $row == *"|passed|"* || $row == *"|dry run|"* ]] || failed=1; done
 exit $failed
