@@ -15,7 +15,7 @@ import torch
 
 from ..ops.spec import DEFAULT_POLICY, SwitchPolicy
 from .graphs import StaticDecoder
-from .kvcache import ATTENTION_NAME, PagedKVCache
+from .kvcache import DECODE_IMPLEMENTATION, PagedKVCache
 from .ladder import EagerDecoder, ModelPair, prefill, rollback
 from .state import DecodeState, DecodeStats, Request
 
@@ -113,7 +113,7 @@ def _paged_eval(*models):
     try:
         for m in models:
             m.eval()
-            m.set_attn_implementation(ATTENTION_NAME)
+            m.set_attn_implementation(DECODE_IMPLEMENTATION)
         yield
     finally:
         for m, training, impl in saved:

@@ -23,6 +23,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .. import _C
 
 ATTENTION_NAME = "switchkd_paged"
+# The generator's attention implementation: the same function with no mask function registered, so Hugging Face
+# builds no mask (the paged path makes its own) and skips its packed-sequence check of ``position_ids``, a host
+# sync per forward that would also put dead mask kernels into every captured step.
+DECODE_IMPLEMENTATION = "switchkd_paged_decode"
 
 
 class PagedKVCache:
@@ -151,4 +155,5 @@ def _has_flash_attn() -> bool:
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # without a PagedBatch: SDPA with Hugging Face's masks
+AttentionInterface.register(DECODE_IMPLEMENTATION, paged_attention)
