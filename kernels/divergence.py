@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from switchkd.ops.spec import LOSS_CODES
+from switchkd.ops.spec import triton_interpreted as interpreted
 
 # Loss kinds as kernel constants (codes from the spec).
 FKL: tl.constexpr = tl.constexpr(LOSS_CODES["fkl"])
@@ -20,28 +21,48 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # Finite start for running maxima: keeps exp2(m_old - m_new) free of NaN on all -inf tiles.
 NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
+# Floor of base-2 log-probabilities: exp2 of it is exactly 0, so a column of probability 0 (-inf logit, masked
+# column, underflow) contributes p * (log p - log q) = 0 * finite = 0 to every term and gradient, with no
+# per-column masks. Rows with NaN/+inf logits are reported by their softmax sums (``valid``), not per column.
+LOG2P_FLOOR: tl.constexpr = tl.constexpr(-1000.0)
+FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # floor of mixture probabilities: their log is finite
+INTERPRETED: tl.constexpr = tl.constexpr(interpreted())
 
 
 @triton.jit
 def _log_probs(x2, m, lz):
-    """Natural log-probabilities and probabilities of a tile of base-2 scores, given the row's base-2
-    statistics ``m`` (max) and ``lz = log2(sum 2^(x2 - m))``; one exp2 per logit. ``m`` and ``lz`` stay
-    apart: folding them into one float would round ``lz`` to the precision of ``m``."""
-    log2p = (x2 - m) - lz
+    """Natural log-probabilities (floored, see LOG2P_FLOOR) and probabilities of a tile of base-2 scores, given
+    the row's base-2 statistics ``m`` (max) and ``lz = log2(sum 2^(x2 - m))``; one exp2 per logit. ``m`` and
+    ``lz`` stay apart: folding them into one float would round ``lz`` to the precision of ``m``."""
+    log2p = tl.maximum((x2 - m) - lz, LOG2P_FLOOR)
     return log2p * LN2, tl.exp2(log2p)
 
 
 @triton.jit
 def _kl_terms(p, log_p, log_q):
-    """p * (log p - log q), 0 where p = 0."""
-    return tl.where(p > 0, p * (log_p - log_q), 0.0)
+    """p * (log p - log q): 0 where p = 0, the logs being finite."""
+    return p * (log_p - log_q)
 
 
 @triton.jit
 def _log_mix(m):
-    """log of a mixture that contains p with positive weight; -inf only where it underflowed, and then
-    p's own term is below float32's range, so callers count it as 0."""
-    return tl.where(m > 0, tl.log(m), 0.0)
+    """Natural log of a mixture probability floored at FLT_MIN, on the special-function unit (lg2.approx.ftz:
+    absolute error below 2^-22, i.e. below 2^-22 nats per unit of probability in the terms); the interpreter,
+    which has no inline PTX, uses tl.log2."""
+    m = tl.maximum(m, FLT_MIN)
+    if INTERPRETED:
+        log2_m = tl.log2(m)
+    else:
+        log2_m = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [m], dtype=tl.float32,
+                                           is_pure=True, pack=1)
+    return log2_m * LN2
+
+
+@triton.jit
+def _nan_unless(valid, x):
+    """``x``, or NaN for a row with NaN/+inf or all -inf logits: its gradient is NaN, as autograd's would be
+    (the floored log-probabilities would otherwise make it 0)."""
+    return tl.where(valid, x, float("nan"))
 
 
 @triton.jit
@@ -56,22 +77,20 @@ def _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND: tl.constexpr):
         g = tl.zeros_like(ps)
     elif KIND == RKL:
         terms = _kl_terms(ps, log_ps, log_pt)
-        g = tl.where(ps > 0, log_ps - log_pt, 0.0)
+        g = log_ps - log_pt
     elif KIND == JSD:  # mixture (1 - beta) p_S + beta p_T
-        m = (1.0 - beta) * ps + beta * pt
-        live, log_m = m > 0, _log_mix(m)
-        terms = tl.where(live, beta * _kl_terms(pt, log_pt, log_m) + (1.0 - beta) * _kl_terms(ps, log_ps, log_m), 0.0)
-        g = tl.where(live & (ps > 0), (1.0 - beta) * (log_ps - log_m), 0.0)
+        log_m = _log_mix((1.0 - beta) * ps + beta * pt)
+        terms = beta * _kl_terms(pt, log_pt, log_m) + (1.0 - beta) * _kl_terms(ps, log_ps, log_m)
+        g = (1.0 - beta) * (log_ps - log_m)
     elif KIND == SKL:  # mixture alpha p_T + (1 - alpha) p_S
-        m = alpha * pt + (1.0 - alpha) * ps
-        live = m > 0
-        terms = tl.where(live, _kl_terms(pt, log_pt, _log_mix(m)), 0.0)
-        g = tl.where(live, -(1.0 - alpha) * pt / m, 0.0)
+        m = tl.maximum(alpha * pt + (1.0 - alpha) * ps, FLT_MIN)
+        terms = _kl_terms(pt, log_pt, _log_mix(m))
+        g = -(1.0 - alpha) * pt / m
     elif KIND == SRKL:  # mixture alpha p_S + (1 - alpha) p_T
-        m = alpha * ps + (1.0 - alpha) * pt
-        live, log_m = m > 0, _log_mix(m)
-        terms = tl.where(live, _kl_terms(ps, log_ps, log_m), 0.0)
-        g = tl.where(live & (ps > 0), log_ps - log_m - alpha * ps / m, 0.0)
+        m = tl.maximum(alpha * ps + (1.0 - alpha) * pt, FLT_MIN)
+        log_m = _log_mix(m)
+        terms = _kl_terms(ps, log_ps, log_m)
+        g = log_ps - log_m - alpha * ps / m
     else:  # tvd
         terms = 0.5 * tl.abs(ps - pt)
         g = tl.where(ps > pt, 0.5, tl.where(ps < pt, -0.5, 0.0))
@@ -81,9 +100,8 @@ def _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND: tl.constexpr):
 @triton.jit
 def _jsd_terms(log_ps, ps, log_pt, pt):
     """Symmetric JSD terms (the switching criterion), nats."""
-    m = 0.5 * ps + 0.5 * pt
-    log_m = _log_mix(m)
-    return tl.where(m > 0, 0.5 * _kl_terms(pt, log_pt, log_m) + 0.5 * _kl_terms(ps, log_ps, log_m), 0.0)
+    log_m = _log_mix(0.5 * ps + 0.5 * pt)
+    return 0.5 * _kl_terms(pt, log_pt, log_m) + 0.5 * _kl_terms(ps, log_ps, log_m)
 
 
 @triton.jit
@@ -112,12 +130,12 @@ def _loss_tile(s2, t2, cols, mask, grad_row, grad_scale, m_s, lz_s, m_t, lz_t, a
     log_ps, ps = _log_probs(s2, m_s, lz_s)
     log_pt, pt = _log_probs(t2, m_t, lz_t)
     terms, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
-    loss_acc += tl.where(mask, terms, 0.0)
+    loss_acc += terms  # columns past the end load -inf: p = 0 there, and so is every term
     if HAS_GRAD:
         if KIND == FKL:
             tl.store(grad_row + cols, ((ps - pt) * grad_scale).to(grad_row.dtype.element_ty), mask=mask)
         else:
-            g_acc += tl.where(mask, ps * g, 0.0)
+            g_acc += ps * g
     return loss_acc, g_acc, log_ps, ps, log_pt, pt
 
 

@@ -9,7 +9,7 @@ gradient). Few rows: ``_stats_kernel`` → ``_kd_loss_split_kernel`` → ``_grad
 import triton
 import triton.language as tl
 
-from .divergence import FKL, _grad_sweep, _loss_sweep, _zero_sweep
+from .divergence import FKL, _grad_sweep, _loss_sweep, _nan_unless, _zero_sweep
 from .split import NO_SAMPLE, SUMS, _combine_stats, _row_stats, autotuned
 
 
@@ -38,11 +38,11 @@ def _kd_loss_kernel(
         m_t, z_t, _, _ = _row_stats(t_row, 0, V, scale2, 0, NO_SAMPLE, BLOCK)
         lz_s = tl.log2(z_s)
         lz_t = tl.log2(z_t)
-        grad_scale = inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp
+        valid = (z_s > 0) & (z_t > 0)  # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0
+        grad_scale = _nan_unless(valid, inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp)
         loss, g_mean = _loss_sweep(s_row, t_row, grad_row, 0, V, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha,
                                    beta, KIND, HAS_GRAD, True, BLOCK)
-        # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0: the loss is then NaN.
-        tl.store(loss_ptr + row, tl.where((z_s > 0) & (z_t > 0), loss, float("nan")))
+        tl.store(loss_ptr + row, _nan_unless(valid, loss))
         if HAS_GRAD and KIND != FKL:
             _grad_sweep(s_row, t_row, grad_row, 0, V, scale2, grad_scale, m_s, lz_s, m_t, lz_t, g_mean, alpha, beta,
                         KIND, BLOCK)
@@ -78,11 +78,11 @@ def _kd_loss_split_kernel(
         keep = tl.load(labels_ptr + row) != ignore_index
     if keep:
         m_s, lz_s, m_t, lz_t, valid = _combine_stats(stats_ptr, row, n_splits, SPLITS)
-        grad_scale = inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp
+        grad_scale = _nan_unless(valid, inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp)
         loss, g_sum = _loss_sweep(s_ptr + row * s_stride, t_ptr + row * t_stride, grad_row, lo, hi,
                                   scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, KIND, HAS_GRAD,
                                   False, BLOCK)
-        tl.store(out, tl.where(valid, loss, float("nan")))
+        tl.store(out, _nan_unless(valid, loss))
         tl.store(out + 1, g_sum)
     else:
         tl.store(out, 0.0)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from switchkd.ops.spec import triton_interpreted as interpreted
 
-from .divergence import NEG_BIG, _grad_sweep, _zero_sweep
+from .divergence import NEG_BIG, _grad_sweep, _nan_unless, _zero_sweep
 from .sampling import _exp_noise2, _row_hash
 
 # Sampling modes of the statistics sweep.
@@ -248,9 +248,9 @@ def _grad_kernel(
     if HAS_LABELS:
         keep = tl.load(labels_ptr + row) != ignore_index
     if keep:
-        m_s, lz_s, m_t, lz_t, _ = _combine_stats(stats_ptr, row, n_splits, SPLITS)
+        m_s, lz_s, m_t, lz_t, valid = _combine_stats(stats_ptr, row, n_splits, SPLITS)
         g_mean = _sum_splits(sums_ptr, row, n_splits, 1, SPLITS)
-        scale = inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp
+        scale = _nan_unless(valid, inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp)
         _grad_sweep(s_ptr + row * s_stride, t_ptr + row * t_stride, grad_row, lo, hi, scale2, scale, m_s,
                     lz_s, m_t, lz_t, g_mean, alpha, beta, KIND, BLOCK)
     else:

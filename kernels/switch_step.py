@@ -13,7 +13,7 @@ Launches over a ``(B, S)`` grid (``switchkd.kernels.split``):
 import triton
 import triton.language as tl
 
-from .divergence import NEG_BIG, _jsd_terms, _load2, _loss_tile
+from .divergence import NEG_BIG, _jsd_terms, _load2, _loss_tile, _nan_unless
 from .split import STATS, SUMS, _combine_stats, _sum_splits, autotuned
 
 
@@ -70,6 +70,7 @@ def _switch_step_kernel(
     if TOPK:
         t_at_student = tl.load(t_row + tok_s).to(tl.float32)
 
+    grad_scale = _nan_unless(valid, inv_temp)
     jsd_acc = tl.zeros([BLOCK], dtype=tl.float32)
     loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
     g_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -78,17 +79,17 @@ def _switch_step_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < hi
         s2, t2 = _load2(s_row, t_row, cols, mask, scale2)
-        loss_acc, g_acc, log_ps, ps, log_pt, pt = _loss_tile(s2, t2, cols, mask, grad_row, inv_temp, m_s, lz_s, m_t,
+        loss_acc, g_acc, log_ps, ps, log_pt, pt = _loss_tile(s2, t2, cols, mask, grad_row, grad_scale, m_s, lz_s, m_t,
                                                              lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD)
-        jsd_acc += tl.where(mask, _jsd_terms(log_ps, ps, log_pt, pt), 0.0)
+        jsd_acc += _jsd_terms(log_ps, ps, log_pt, pt)
         if TOPK:  # on the raw logits, as the reference ranks them
             t = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
             rank_acc += (t > t_at_student).to(tl.int32)
     out = sums_ptr + (row * n_splits + split) * SUMS
     # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0: such rows report NaN.
-    tl.store(out, tl.where(valid, tl.sum(loss_acc, 0), float("nan")))
+    tl.store(out, _nan_unless(valid, tl.sum(loss_acc, 0)))
     tl.store(out + 1, tl.sum(g_acc, 0))
-    tl.store(out + 2, tl.where(valid, tl.sum(jsd_acc, 0), float("nan")))
+    tl.store(out + 2, _nan_unless(valid, tl.sum(jsd_acc, 0)))
     tl.store(out + 3, tl.sum(rank_acc, 0).to(tl.float32))
 
 

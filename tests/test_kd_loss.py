@@ -216,8 +216,11 @@ def test_masked_vocabulary_entries_stay_finite(rows, backend):
 def test_non_finite_logits_give_a_nan_loss(bad, rows, backend):
     s, t = random_logits(rows, 600), random_logits(rows, 600)
     t[-1, 3] = bad
-    out = kd_loss(s, t, kind="srkl", reduction="none", backend=backend)
+    x = s.clone().requires_grad_()
+    out = kd_loss(x, t, kind="srkl", reduction="none", backend=backend)
     assert out[-1].isnan() and torch.isfinite(out[:-1]).all()
+    out.sum().backward()  # the bad row's gradient is NaN, as autograd's is; the others stay finite
+    assert x.grad[-1].isnan().all() and torch.isfinite(x.grad[:-1]).all()
 
 
 def test_second_backward_through_the_same_graph_raises():

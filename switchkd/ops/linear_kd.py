@@ -45,12 +45,14 @@ def default_chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, device: torc
 
 
 @functools.cache
-def _cuda_fp32_addmm(device: torch.device) -> bool:
-    """Whether this torch's CUDA ``addmm(out_dtype=float32)`` takes a float32 accumulator with bf16 operands."""
+def _cuda_out_dtype_mm(device: torch.device) -> bool:
+    """Whether this torch's CUDA ``mm``/``addmm`` take ``out_dtype=float32`` with bf16 operands (a float32
+    accumulator on the tensor cores)."""
     one, acc = torch.ones(1, 1, device=device, dtype=torch.bfloat16), torch.zeros(1, 1, device=device)
     try:
+        torch.mm(one, one, out_dtype=torch.float32, out=acc)
         torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         return False
     return True
 
@@ -61,10 +63,11 @@ def _mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
     dtype (itself accumulated in float32) is added into ``acc``. The operands are never upcast."""
     if acc.dtype == a.dtype:
         torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
-    elif a.is_cuda and first:
-        torch.mm(a, b, out_dtype=acc.dtype, out=acc)
-    elif a.is_cuda and _cuda_fp32_addmm(a.device):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    elif a.is_cuda and _cuda_out_dtype_mm(a.device):
+        if first:
+            torch.mm(a, b, out_dtype=acc.dtype, out=acc)
+        else:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         product = torch.mm(a, b)
         acc.copy_(product) if first else acc.add_(product)

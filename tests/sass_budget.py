@@ -1,0 +1,84 @@
+"""Instructions per vocabulary column of each kernel's loops, from the sm_90 SASS, at the size the GPU benchmark uses.
+
+The kernels are compiled ahead of time as the JIT would compile them for ``V = 128256`` bf16 rows (pointers and
+multiples of 16 marked divisible by 16, so loads vectorise) in the first GPU tile config, disassembled with the
+``cuobjdump`` that ships with Triton, and every loop (a backward branch) is counted: instructions in its body
+divided by the columns one thread handles per trip. Issue-bound time follows: columns x instructions / (SMs x 4
+schedulers x 32 lanes x clock). Run as a script (no TRITON_INTERPRET) it prints JSON: case -> per-loop counts.
+``tests/test_sass_budget.py`` holds each case to its budget.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import aot_compile
+
+aot_compile.VOCAB = 128256
+
+# case -> (recorded launches, kernel whose loops are counted)
+CASES = {
+    "switch_step phase 1 (statistics + sampling race)": (lambda: aot_compile.switch_step_case("bf16"), "_stats_kernel"),
+    "switch_step phase 2 (jsd, fkl loss and gradient)": (lambda: aot_compile.switch_step_case("bf16"),
+                                                        "_switch_step_kernel"),
+    "kd_loss jsd, one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="jsd"), "_kd_loss_kernel"),
+    "kd_loss fkl, one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="fkl"), "_kd_loss_kernel"),
+    "kd_loss split phase 1 (statistics)": (lambda: aot_compile.kd_loss_case("bf16", kind="jsd", splits=4),
+                                           "_stats_kernel"),
+}
+
+
+def sass(fn, kwargs, arch=90) -> str:
+    """SASS of ``fn`` compiled for ``arch`` with the JIT's divisibility-by-16 specialisation."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if kwargs.get(k) is not None}
+    constexprs = {p.name: kwargs[p.name] for p in fn.params if p.is_constexpr}
+    signature = {p.name: "constexpr" if p.is_constexpr else aot_compile._type(kwargs[p.name]) for p in fn.params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if not p.is_constexpr and (
+        hasattr(kwargs[p.name], "data_ptr") or (type(kwargs[p.name]) is int and kwargs[p.name] % 16 == 0))}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        return subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+def loops(text: str) -> list[dict]:
+    """Each loop of a SASS listing: its instruction count, global loads and special-function (MUFU) ops."""
+    body = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+    out = []
+    for address, instruction in body:
+        branch = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|(0x[0-9a-f]+))", instruction)
+        if branch and branch.group(1) and int(branch.group(1), 16) < address:
+            ops = [i for a, i in body if int(branch.group(1), 16) <= a <= address]
+            out.append({"instructions": len(ops), "loads": sum("LDG" in i for i in ops),
+                        "mufu": sum("MUFU" in i for i in ops)})
+    return out
+
+
+def profile() -> dict:
+    """case -> {"columns_per_trip", "loops": [...], "per_column": instructions per column over the loops that load}."""
+    results = {}
+    for case, (launch, wanted) in CASES.items():
+        name, kernel, kwargs = next(call for call in launch() if call[0] == wanted)
+        _, fn, variant = aot_compile.variants(kernel, kwargs)[0]
+        columns = variant["BLOCK"] / (32 * variant["num_warps"])  # per thread and trip
+        found = loops(sass(fn, variant))
+        per_column = sum(loop["instructions"] for loop in found if loop["loads"]) / columns
+        results[case] = {"kernel": name, "columns_per_trip": columns, "loops": found,
+                         "per_column": round(per_column, 1)}
+    return results
+
+
+if __name__ == "__main__":
+    json.dump(profile(), sys.stdout)

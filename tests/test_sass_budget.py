@@ -1,0 +1,41 @@
+"""The kernels' loops stay within their instruction budgets (sm_90 SASS, V = 128256 bf16, see sass_budget.py).
+
+The budgets are the design's limits on paper: kd_loss and the switch step are bound by instruction issue, not
+memory, once they pass a few dozen instructions per column, so a change that adds instructions to a loop is a
+slowdown even where no GPU can time it. benchmarks/RESULTS.md turns these counts into time.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sass_budget import CASES
+
+# instructions per vocabulary column, all the kernel's loading loops together (about 10% above today's counts)
+BUDGETS = {
+    "switch_step phase 1 (statistics + sampling race)": 142,
+    "switch_step phase 2 (jsd, fkl loss and gradient)": 34,
+    "kd_loss jsd, one program per row": 81,
+    "kd_loss fkl, one program per row": 46,
+    "kd_loss split phase 1 (statistics)": 24,
+}
+
+
+@pytest.fixture(scope="module")
+def profile():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SWITCHKD_AUTOTUNE")}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("sass_budget.py"))], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_loops_stay_within_their_instruction_budget(profile, case):
+    result = profile[case]
+    assert result["loops"], f"{case}: no loop found in the SASS of {result['kernel']}"
+    assert result["per_column"] <= BUDGETS[case], (
+        f"{case}: {result['per_column']} instructions per column > budget {BUDGETS[case]} ({result['loops']})")
