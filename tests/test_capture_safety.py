@@ -10,7 +10,9 @@ launch), and the checks below fail on what would break or stall a CUDA graph:
   Python-level host reads a CPU run would not dispatch (``tolist``, ``numpy``, ``cpu``);
 - replay drift: a step run again under the same graph key must issue the same ops with the same
   non-tensor arguments (a Python value baked into a graph is stale on replay) and read the same
-  storage from outside itself (state, lanes, metadata buffers, KV pools, weights).
+  storage from outside itself (state, lanes, metadata buffers, KV pools, weights); and every run, the first
+  included (on CUDA the warm-up, which fills Triton's autotune and compile caches), launches the same Triton
+  kernels with the same arguments, so nothing is tuned or compiled while capturing.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Run:
 
     problems: list[str] = field(default_factory=list)
     signature: list[tuple] = field(default_factory=list)  # ops and launches, tensors as (shape, dtype, device)
+    launches: list[tuple] = field(default_factory=list)  # Triton launches: kernel, grid, arguments
     external: set[int] = field(default_factory=set)  # storage read but not made by the step
     internal: set[int] = field(default_factory=set)  # storage made by the step
 
@@ -148,7 +151,9 @@ class StepLog:
                 return original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
             name = getattr(kernel, "__name__", None) or kernel.fn.__name__
             recorder.run.read(_tensors((args, kwargs)))
-            recorder.run.signature.append((name, _describe((grid, args, sorted(kwargs.items())))))
+            launch = (name, _describe((grid, args, sorted(kwargs.items()))))
+            recorder.run.signature.append(launch)
+            recorder.run.launches.append(launch)
             recorder.paused = True
             try:
                 return original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
@@ -169,6 +174,8 @@ class StepLog:
         found = []
         for key, runs in self.runs.items():
             found += [f"{key[1]}: {p}" for run in runs for p in run.problems]
+            if any(run.launches != runs[0].launches for run in runs):  # the warm-up tunes what the capture uses
+                found.append(f"{key[1]}: Triton launches differ between runs (autotuning or compiling in capture)")
             replays = runs[1:]  # the first run allocates the lanes' logits buffer; the graph is taken later
             for run in replays[1:]:
                 if run.signature != replays[0].signature:
@@ -196,7 +203,8 @@ def steps(monkeypatch):
 def buffers(gen: SwitchGenerator) -> dict[str, int]:
     """data_ptr of every buffer a captured step reads from outside itself, by name."""
     ptrs = {}
-    for w, ws in enumerate(gen.static.workspaces.values()):
+    for ws in gen.static.workspaces.values():
+        w = id(ws)
         for name, value in vars(ws.state).items():
             if isinstance(value, torch.Tensor):
                 ptrs[f"ws{w}.state.{name}"] = value.data_ptr()
@@ -254,13 +262,15 @@ def test_the_checks_catch_a_host_sync_in_a_step(steps, monkeypatch):
         lanes.feed[lanes.feed > 0].sum()
         lanes.feed.add_(len(calls))  # a Python int baked into the graph: stale on replay
         lanes.feed.sub_(len(calls))
+        sample(lanes.feed[:, None].float(), len(calls))  # a launch argument that changes per run
         original(decoder)
 
     monkeypatch.setattr(graphs.StaticDecoder, "_student_step", bad_step)
     SwitchGenerator(teacher, student, block_size=4, cuda_graphs=True).generate(
         RAGGED[:2], policy=MIXED, max_new_tokens=6, draft_len=2, adaptive_draft=False)
     found = "\n".join(steps.problems())
-    for expected in ("_local_scalar_dense", "Tensor.tolist()", "boolean-mask indexing", "Python arguments"):
+    for expected in ("_local_scalar_dense", "Tensor.tolist()", "boolean-mask indexing", "Python arguments",
+                     "Triton launches differ"):
         assert expected in found
 
 

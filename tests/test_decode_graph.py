@@ -53,6 +53,33 @@ def test_workspaces_are_reused_across_requests_and_sub_batches():
     assert all(c.manager.num_used_blocks == 0 for c in gen.caches)
 
 
+def test_moved_weights_drop_the_workspaces_their_graphs_read():
+    """A graph replays fixed addresses: after the weights are re-allocated, every workspace is built again."""
+    teacher, student = pair("gpt2")
+    gen = SwitchGenerator(teacher, student, block_size=4, cuda_graphs=True)
+    first = gen.generate(RAGGED, policy=MIXED, max_new_tokens=6, seed=4)
+    (before,) = gen.static.workspaces.values()
+    gen.generate(RAGGED, policy=MIXED, max_new_tokens=6, seed=4)
+    assert next(iter(gen.static.workspaces.values())) is before
+    student.load_state_dict({k: v.clone() for k, v in student.state_dict().items()}, assign=True)
+    again = gen.generate(RAGGED, policy=MIXED, max_new_tokens=6, seed=4)
+    assert next(iter(gen.static.workspaces.values())) is not before
+    assert_same(again, first)
+
+
+def test_workspaces_past_eight_evict_the_least_recently_used():
+    teacher, student = pair("llama")
+    gen = SwitchGenerator(teacher, student, block_size=4, cuda_graphs=True)
+    kwargs = {"policy": MIXED, "max_new_tokens": 2, "draft_len": 1}
+    gen.generate(RAGGED[:1], seed=0, **kwargs)
+    kept = next(iter(gen.static.workspaces.values()))
+    for seed in range(1, 9):  # each seed is its own request, so its own workspace
+        gen.generate(RAGGED[:1], seed=seed, **kwargs)
+        gen.generate(RAGGED[:1], seed=0, **kwargs)  # seed 0 stays the most recently used
+    assert len(gen.static.workspaces) == 8
+    assert any(ws is kept for ws in gen.static.workspaces.values())
+
+
 def test_bucket_sizes():
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 9, 64, 65)] == [1, 2, 4, 4, 8, 16, 64, 128]
 
@@ -88,6 +115,7 @@ def test_uncapturable_model_falls_back_to_eager_steps_with_a_warning():
         gen = SwitchGenerator(teacher, student)
         with pytest.warns(UserWarning, match="CUDA-graph capture failed"):
             out = gen.generate(RAGGED, policy=MIXED, max_new_tokens=6)
+        assert torch.cuda.current_stream() == torch.cuda.default_stream(), "the failed capture left its stream current"
         again = gen.generate(RAGGED, policy=MIXED, max_new_tokens=6)  # the eager path, without a second warning
     finally:
         del student.forward

@@ -115,7 +115,8 @@ class StaticDecoder:
         self.device = pair.student.device
         self.capture = self.device.type == "cuda" and pair.teacher.device == self.device
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.workspaces: dict[tuple, Workspace] = {}
+        self.workspaces: dict[tuple, Workspace] = {}  # least recently used first
+        self.weights: tuple[int, ...] = ()  # the addresses the graphs read the models' tensors from
         self.request: Request | None = None
         self.ws: Workspace | None = None
         self.lanes: Lanes | None = None  # the current block's
@@ -123,18 +124,26 @@ class StaticDecoder:
         self.failed = False  # a capture failed: this request ends uncaptured, later ones take the eager path
 
     def start(self, request: Request):
+        """Begin a request; graphs captured over weights that have since moved (``.to()``, a reloaded or
+        re-tied tensor) would read freed memory, so they are dropped and captured again."""
         self.request = request
+        weights = tuple(t.data_ptr() for model in (self.pair.teacher, self.pair.student)
+                        for t in (*model.parameters(), *model.buffers()))
+        if weights != self.weights:
+            self.workspaces.clear()
+            self.weights = weights
 
     def new_state(self, ids: list[int], prompts: list[list[int]]) -> DecodeState:
         """Pick (or build) the workspace for this sub-batch and load its state."""
         request, block_size = self.request, self.pair.student_cache.block_size
         width = bucket(math.ceil((max(map(len, prompts)) + request.max_new_tokens + request.draft_len) / block_size))
         key = (bucket(len(prompts)), width, request)
-        if key not in self.workspaces:
-            if len(self.workspaces) >= 8:
-                self.workspaces.clear()
-            self.workspaces[key] = self._workspace(key[0], width)
-        self.ws = self.workspaces[key]
+        ws = self.workspaces.pop(key, None)
+        if ws is None:
+            if len(self.workspaces) >= 8:  # evict the least recently used, not every captured graph
+                del self.workspaces[next(iter(self.workspaces))]
+            ws = self._workspace(key[0], width)
+        self.ws = self.workspaces[key] = ws
         self.ws.state.load_(ids, prompts, request)
         return self.ws.state
 
@@ -204,12 +213,15 @@ class StaticDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             step()
-        torch.cuda.current_stream().wait_stream(side)
+        stream = torch.cuda.current_stream()
+        stream.wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 step()
         except Exception as err:  # a model or op that cannot be captured: keep stepping eagerly
+            # A failing capture_end skips restoring the stream: later work would run on the capture stream.
+            torch.cuda.set_stream(stream)
             warnings.warn(f"switchkd: CUDA-graph capture failed ({type(err).__name__}: {err}); "
                           "decoding continues with eager steps", stacklevel=2)
             self.capture, self.failed = False, True
