@@ -22,7 +22,7 @@ import triton.language as tl
 from switchkd.ops.spec import triton_interpreted as interpreted
 
 from .divergence import NEG_BIG, _grad_sweep, _nan_unless, _zero_sweep
-from .sampling import _exp_noise2, _row_hash
+from .sampling import _exp_noise2, _race_score, _row_hash
 
 # Sampling modes of the statistics sweep.
 NO_SAMPLE: tl.constexpr = tl.constexpr(0)
@@ -140,7 +140,7 @@ def _row_stats(x_row, lo, hi, scale2, key, SAMPLE: tl.constexpr, BLOCK: tl.const
         e = tl.exp2(x2 - m_new)
         z = z * rescale + e
         if SAMPLE == RACE:
-            score = tl.fdiv(e, _exp_noise2(key, cols))
+            score = _race_score(e, _exp_noise2(key, cols))
             best = best * rescale
             take = (score > best) & inside
             best = tl.where(take, score, best)
