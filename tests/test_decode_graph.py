@@ -67,6 +67,17 @@ def test_moved_weights_drop_the_workspaces_their_graphs_read():
     assert_same(again, first)
 
 
+def test_autocast_state_gets_its_own_workspace():
+    """Autocast is baked into a captured graph like the request's constants: a request under autocast must not
+    replay graphs captured without it."""
+    teacher, student = pair("llama")
+    gen = SwitchGenerator(teacher, student, block_size=4, cuda_graphs=True)
+    gen.generate(RAGGED[:2], policy=MIXED, max_new_tokens=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gen.generate(RAGGED[:2], policy=MIXED, max_new_tokens=2)
+    assert len(gen.static.workspaces) == 2
+
+
 def test_workspaces_past_eight_evict_the_least_recently_used():
     teacher, student = pair("llama")
     gen = SwitchGenerator(teacher, student, block_size=4, cuda_graphs=True)

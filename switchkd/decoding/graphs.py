@@ -125,10 +125,10 @@ class StaticDecoder:
 
     def start(self, request: Request):
         """Begin a request; graphs captured over weights that have since moved (``.to()``, a reloaded or
-        re-tied tensor) would read freed memory, so they are dropped and captured again."""
+        re-tied tensor) would read freed memory, so they are dropped and captured again. Parameters only: some
+        rotary embeddings reassign a buffer on every forward."""
         self.request = request
-        weights = tuple(t.data_ptr() for model in (self.pair.teacher, self.pair.student)
-                        for t in (*model.parameters(), *model.buffers()))
+        weights = tuple(p.data_ptr() for model in (self.pair.teacher, self.pair.student) for p in model.parameters())
         if weights != self.weights:
             self.workspaces.clear()
             self.weights = weights
@@ -137,7 +137,9 @@ class StaticDecoder:
         """Pick (or build) the workspace for this sub-batch and load its state."""
         request, block_size = self.request, self.pair.student_cache.block_size
         width = bucket(math.ceil((max(map(len, prompts)) + request.max_new_tokens + request.draft_len) / block_size))
-        key = (bucket(len(prompts)), width, request)
+        device = self.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None  # baked in too
+        key = (bucket(len(prompts)), width, request, autocast)
         ws = self.workspaces.pop(key, None)
         if ws is None:
             if len(self.workspaces) >= 8:  # evict the least recently used, not every captured graph
