@@ -18,6 +18,7 @@ launch), and the checks below fail on what would break or stall a CUDA graph:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 
 import pytest
@@ -96,24 +97,30 @@ class Recorder(TorchDispatchMode):
         self.run.read(inputs)
         self.run.made(_tensors(out))
         self.run.signature.append((str(func), _describe((args, kwargs))))
-        problem = _problem(func, inputs, args, kwargs)
+        problem = _problem(func, args, kwargs)
         if problem:
             self.run.problems.append(f"{func}: {problem}")
         return out
 
 
-def _problem(func, inputs, args, kwargs) -> str | None:
+def _problem(func, args, kwargs) -> str | None:
     if func.overloadpacket in SYNCS:
         return "host sync or data-dependent shape"
     if func.overloadpacket in MASK_INDEXED:
         indices = args[1] if len(args) > 1 else kwargs.get("indices", [])
         if any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices):
             return "boolean-mask indexing (a nonzero inside)"
-    if func.overloadpacket is aten._to_copy and "device" in kwargs and kwargs["device"] != args[0].device:
+    if func.overloadpacket is aten._to_copy and kwargs.get("device") not in (None, args[0].device):
         return f"copy {args[0].device} -> {kwargs['device']}"
     if func.overloadpacket is aten.copy_ and args[0].device != args[1].device:
         return f"copy {args[1].device} -> {args[0].device}"
     return None
+
+
+def _kernel_name(kernel) -> str:
+    while not hasattr(kernel, "__name__"):  # Autotuner -> JITFunction / InterpretedFunction
+        kernel = kernel.fn
+    return kernel.__name__
 
 
 class StepLog:
@@ -145,18 +152,20 @@ class StepLog:
             self.recorder = None
 
     def wrap_launch(self, original):
-        def launch(kernel, *args, grid, warmup, **kwargs):
+        """A Triton launch (the autotuner's, or a plain kernel's), recorded as the caller made it: what the
+        autotuner then runs, its benchmark included, is paused."""
+
+        def launch(kernel, *args, **kwargs):
             recorder = self.recorder
             if recorder is None or recorder.paused:
-                return original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
-            name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+                return original(kernel, *args, **kwargs)
             recorder.run.read(_tensors((args, kwargs)))
-            launch = (name, _describe((grid, args, sorted(kwargs.items()))))
-            recorder.run.signature.append(launch)
-            recorder.run.launches.append(launch)
+            entry = (_kernel_name(kernel), _describe((args, sorted(kwargs.items()))))
+            recorder.run.signature.append(entry)
+            recorder.run.launches.append(entry)
             recorder.paused = True
             try:
-                return original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+                return original(kernel, *args, **kwargs)
             finally:
                 recorder.paused = False
 
@@ -194,7 +203,8 @@ def steps(monkeypatch):
         from triton.runtime.interpreter import InterpretedFunction as Kernel
     else:
         Kernel = triton.runtime.jit.JITFunction
-    monkeypatch.setattr(Kernel, "run", log.wrap_launch(Kernel.run))
+    for cls in (Kernel, triton.runtime.autotuner.Autotuner):
+        monkeypatch.setattr(cls, "run", log.wrap_launch(cls.run))
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, log.wrap_host_read(name, getattr(torch.Tensor, name)))
     return log
@@ -244,6 +254,19 @@ def test_static_steps_are_capture_safe(steps, family, dtype, temperature, draft_
     assert buffers(gen) == before, "a second request with the same shapes moved a buffer the graphs read"
     assert first.responses == second.responses and min(map(len, first.responses)) < 7
     assert any(len(runs) > 2 for runs in steps.runs.values()), "no step key ran often enough to compare replays"
+    assert steps.problems() == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="capture needs a GPU")
+def test_warm_up_and_capture_on_cuda_issue_the_same_launches(steps):
+    """On CUDA each key runs twice, the warm-up and the capture: same launches (the autotune cache the warm-up
+    filled is hit while capturing), no sync, no cross-device copy; and every step was captured."""
+    teacher, student = (m.cuda() for m in pair("llama", dtype=torch.bfloat16))
+    gen = SwitchGenerator(teacher, student, block_size=4, vocab_size=90)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns
+        gen.generate(RAGGED, policy=MIXED, max_new_tokens=9, draft_len=4, adaptive_draft=False)
+    assert gen.static.capture and all(len(runs) == 2 for runs in steps.runs.values())
     assert steps.problems() == []
 
 
