@@ -188,7 +188,7 @@ def _sum_splits(sums_ptr, row, n_splits, field, SPLITS: tl.constexpr):
     return tl.sum(tl.load(sums_ptr + (row * n_splits + k) * SUMS + field, mask=k < n_splits, other=0.0), 0)
 
 
-@autotuned(key=["V", "chunk", "SAMPLE"])
+@autotuned(key=["V", "chunk", "SAMPLE", "SAMPLE_S"])
 @triton.jit
 def _stats_kernel(
     s_ptr,  # [R, V] student logits
@@ -199,9 +199,11 @@ def _stats_kernel(
     cand_ptr,  # [R, S, 2] float32 output: per-split best candidate score (student, teacher) when SAMPLE
     cand_col_ptr,  # [R, S, 2] int32 output: its column
     s_stride, t_stride, V, chunk, position, seed_key, scale2,
-    SAMPLE: tl.constexpr, POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr, BLOCK: tl.constexpr,
+    SAMPLE: tl.constexpr, SAMPLE_S: tl.constexpr, POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """Phase 1: softmax statistics (one exp2 per logit) and sampling candidates of one chunk of one row."""
+    """Phase 1: softmax statistics (one exp2 per logit) and sampling candidates of one chunk of one row
+    (``SAMPLE`` for the teacher, ``SAMPLE_S`` for the student: NO_SAMPLE when its tokens are given)."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     lo = split * chunk
@@ -210,7 +212,7 @@ def _stats_kernel(
     row_key = row if KEYS_ARANGE else tl.load(row_keys_ptr + row)
     key_s = _row_hash(seed_key, row_key, pos, 0)  # scalar work, used only when SAMPLE == RACE
     key_t = _row_hash(seed_key, row_key, pos, 1)
-    m_s, z_s, best_s, col_s = _row_stats(s_ptr + row * s_stride, lo, hi, scale2, key_s, SAMPLE, BLOCK)
+    m_s, z_s, best_s, col_s = _row_stats(s_ptr + row * s_stride, lo, hi, scale2, key_s, SAMPLE_S, BLOCK)
     m_t, z_t, best_t, col_t = _row_stats(t_ptr + row * t_stride, lo, hi, scale2, key_t, SAMPLE, BLOCK)
     out = row * tl.num_programs(1) + split
     tl.store(stats_ptr + out * STATS, m_s)

@@ -46,12 +46,12 @@ def _switch_step_kernel(
     cand_ptr,  # [B, S, 2] float32 per-split sampling candidates
     cand_col_ptr,  # [B, S, 2] int32 their columns
     sums_ptr,  # [B, S, 4] float32 output: per-split (loss, sum(p_S g), jsd, teacher rank)
-    s_tokens_ptr,  # [B] int64 output: student sample (written by split 0)
+    s_tokens_ptr,  # [B] int64 student sample: written by split 0, or given (STUDENT_GIVEN)
     t_tokens_ptr,  # [B] int64 output: teacher sample (written by split 0)
     grad_ptr,  # [B, V] output: fkl gradient (written only when HAS_GRAD and KIND == FKL)
     s_stride, t_stride, grad_stride, V, chunk, scale2, inv_temp, alpha, beta,
-    TOPK: tl.constexpr, KIND: tl.constexpr, GREEDY: tl.constexpr, HAS_GRAD: tl.constexpr, SPLITS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    TOPK: tl.constexpr, KIND: tl.constexpr, GREEDY: tl.constexpr, HAS_GRAD: tl.constexpr, STUDENT_GIVEN: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -62,13 +62,17 @@ def _switch_step_kernel(
     t_row = t_ptr + row * t_stride
     grad_row = grad_ptr + row * grad_stride
     m_s, lz_s, m_t, lz_t, valid = _combine_stats(stats_ptr, row, n_splits, SPLITS)
-    tok_s = _combine_candidates(stats_ptr, cand_ptr, cand_col_ptr, row, n_splits, 0, GREEDY, SPLITS)
+    if STUDENT_GIVEN:
+        tok_s = tl.load(s_tokens_ptr + row)
+    else:
+        tok_s = _combine_candidates(stats_ptr, cand_ptr, cand_col_ptr, row, n_splits, 0, GREEDY, SPLITS)
     if split == 0:
-        tl.store(s_tokens_ptr + row, tok_s.to(tl.int64))
+        if not STUDENT_GIVEN:
+            tl.store(s_tokens_ptr + row, tok_s.to(tl.int64))
         tok_t = _combine_candidates(stats_ptr, cand_ptr, cand_col_ptr, row, n_splits, 1, GREEDY, SPLITS)
         tl.store(t_tokens_ptr + row, tok_t.to(tl.int64))
     if TOPK:
-        t_at_student = tl.load(t_row + tok_s).to(tl.float32)
+        t_at_student = tl.load(t_row + tok_s, mask=(tok_s >= 0) & (tok_s < V), other=-float("inf")).to(tl.float32)
 
     grad_scale = _nan_unless(valid, inv_temp)
     jsd_acc = tl.zeros([BLOCK], dtype=tl.float32)

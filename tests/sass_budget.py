@@ -22,6 +22,8 @@ aot_compile.VOCAB = 128256
 # case -> (recorded launches, kernel whose loops are counted)
 CASES = {
     "switch_step phase 1 (statistics + sampling race)": (lambda: aot_compile.switch_step_case("bf16"), "_stats_kernel"),
+    "switch_step phase 1, student tokens given (teacher race only)": (
+        lambda: aot_compile.switch_step_case("bf16", given_student=True, has_grad=False), "_stats_kernel"),
     "switch_step phase 2 (jsd, fkl loss and gradient)": (lambda: aot_compile.switch_step_case("bf16"),
                                                         "_switch_step_kernel"),
     "kd_loss jsd, one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="jsd"), "_kd_loss_kernel"),

@@ -112,6 +112,32 @@ def test_tokens_do_not_depend_on_the_split_count():
             torch.testing.assert_close(first.divergence, other.divergence, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("policy", [POLICY, SwitchPolicy("topk", top_k=5)], ids=["exp", "topk"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_given_student_tokens_replace_the_student_sample(policy, splits, backend):
+    """``student_tokens=`` (a decoder's drafts): kept where the policy does not switch, ranked by topk, and the
+    teacher's sample, the divergence, the loss and its gradient are those of the sampled call."""
+    s, t = random_logits(9, 1271), random_logits(9, 1271)
+    positions = torch.arange(9, device=DEVICE)
+    options = {"policy": policy, "temperature": 0.8, "seed": 7, "loss": "jsd", "backend": backend}
+    sampled = fused_switch_step(s, t, positions, **options)
+    given = torch.randint(0, 1271, (9,), device=DEVICE)
+    if backend == "triton":
+        out = switch_step_triton(s, t, positions, None, policy=policy, temperature=0.8, seed=7, kind="jsd", alpha=0.1,
+                                 beta=0.5, need_grad=False, splits=splits, student_tokens=given)[0]
+    else:
+        out = fused_switch_step(s, t, positions, student_tokens=given, **options)
+    assert torch.equal(out.student_tokens, given) and torch.equal(out.teacher_tokens, sampled.teacher_tokens)
+    torch.testing.assert_close(out.divergence, sampled.divergence)
+    ref = reference.switch_step(s.double(), t.double(), positions, policy=policy, temperature=0.8, seed=7,
+                                student_tokens=given)
+    clear = (ref.divergence.double() - policy.thresholds(positions)).abs() > DECISION_MARGIN
+    assert torch.equal(out.from_teacher[clear], ref.from_teacher[clear])
+    assert torch.equal(out.tokens, torch.where(out.from_teacher, sampled.teacher_tokens, given))
+    same = fused_switch_step(s, t, positions, student_tokens=sampled.student_tokens, **options)
+    assert torch.equal(same.tokens, sampled.tokens) and torch.equal(same.loss, sampled.loss)
+
+
 @pytest.mark.parametrize("kind", ["exp", "linear", "constant", "never", "always"])
 def test_threshold_policies_decide_at_their_thresholds(kind, backend):
     policy = SwitchPolicy(kind, tau0=0.2, decay=0.01)
@@ -240,6 +266,9 @@ def test_without_the_finite_check_bad_rows_are_nan_and_never_switch(backend):
         (lambda s, t: fused_switch_step(s, t, torch.zeros(3, dtype=torch.long)), ValueError, "positions"),
         (lambda s, t: fused_switch_step(s, t, torch.zeros(4)), TypeError, "positions"),
         (lambda s, t: fused_switch_step(s, t, 0, row_keys=torch.zeros(2, dtype=torch.long)), ValueError, "row_keys"),
+        (lambda s, t: fused_switch_step(s, t, 0, student_tokens=torch.zeros(3, dtype=torch.long)), ValueError,
+         "student_tokens"),
+        (lambda s, t: fused_switch_step(s, t, 0, student_tokens=torch.zeros(4)), TypeError, "student_tokens"),
         (lambda s, t: fused_switch_step(s, t, 0, policy="exp"), TypeError, "policy"),
         (lambda s, t: fused_switch_step(s, t, 0, temperature=-1.0), ValueError, "temperature"),
         (lambda s, t: fused_switch_step(s, t, 0, seed=1.0), TypeError, "seed"),

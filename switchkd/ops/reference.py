@@ -159,7 +159,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, kind="srkl", alpha=0
 
 
 def switch_step(student_logits, teacher_logits, positions, *, policy=DEFAULT_POLICY, temperature=1.0,
-                seed=0, row_keys=None, loss="fkl", alpha=0.1, beta=0.5) -> SwitchStep:
+                seed=0, row_keys=None, loss="fkl", alpha=0.1, beta=0.5, student_tokens=None) -> SwitchStep:
     """One SWITCH decoding step over ``[B, V]`` logits; see ``switchkd.fused_switch_step``."""
     positions, row_keys = _rows_and_keys(student_logits.shape[0], student_logits.device, positions, row_keys)
     div_temperature = temperature if temperature > 0 else 1.0
@@ -169,7 +169,8 @@ def switch_step(student_logits, teacher_logits, positions, *, policy=DEFAULT_POL
     rows = row_divergence(log_ps, log_pt, loss, alpha, beta)
 
     noise = {"temperature": temperature, "seed": seed, "row_keys": row_keys}
-    student_tokens = sample(student_logits.detach(), positions, model=STUDENT, **noise)
+    if student_tokens is None:
+        student_tokens = sample(student_logits.detach(), positions, model=STUDENT, **noise)
     teacher_tokens = sample(teacher_logits, positions, model=TEACHER, **noise)
     if policy.kind == "topk":
         t = teacher_logits.detach()

@@ -52,17 +52,19 @@ def _workspace(batch: int, n_splits: int, device) -> dict:
 
 
 def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, policy, temperature, seed, kind,
-                       alpha, beta, need_grad, splits=None):
+                       alpha, beta, need_grad, splits=None, student_tokens=None):
     """Run the switch step's kernels over ``[B, V]`` logits (last dim contiguous) on a ``(B, S)`` grid.
 
     Returns a :class:`SwitchStep` whose ``loss`` carries no graph, and the per-row gradient
-    ``d loss[b] / d student_logits[b]`` ``[B, V]`` (or None). ``splits`` overrides the split count (tests).
+    ``d loss[b] / d student_logits[b]`` ``[B, V]`` (or None). ``splits`` overrides the split count (tests);
+    ``student_tokens`` (int64 ``[B]``) skips the student's sampling race.
     """
-    from ..kernels.split import GREEDY, RACE, _grad_kernel, _stats_kernel, split_plan
+    from ..kernels.split import GREEDY, NO_SAMPLE, RACE, _grad_kernel, _stats_kernel, split_plan
     from ..kernels.switch_step import _switch_step_finish_kernel, _switch_step_kernel
 
     (batch, vocab), device = student_logits.shape, student_logits.device
-    s_tokens, t_tokens = (torch.empty(batch, device=device, dtype=torch.int64) for _ in range(2))
+    t_tokens = torch.empty(batch, device=device, dtype=torch.int64)
+    s_tokens = torch.empty_like(t_tokens) if student_tokens is None else student_tokens
     step = SwitchStep(torch.empty_like(s_tokens), torch.empty(batch, device=device, dtype=torch.bool),
                       torch.empty(batch, device=device, dtype=torch.float32), s_tokens, t_tokens,
                       torch.empty(batch, device=device, dtype=torch.float32))
@@ -80,10 +82,11 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
              "inv_temp": inv_temp, "alpha": float(alpha), "beta": float(beta), "KIND": LOSS_CODES[kind],
              "SPLITS": triton.next_power_of_2(n_splits), **work}
     grid = (batch, n_splits)
-    _stats_kernel[grid](**logits, **work, seed_key=reference.seed_hash(seed), SAMPLE=GREEDY if greedy else RACE,
-                        **rows)
+    sampling = GREEDY if greedy else RACE
+    _stats_kernel[grid](**logits, **work, seed_key=reference.seed_hash(seed), SAMPLE=sampling,
+                        SAMPLE_S=sampling if student_tokens is None else NO_SAMPLE, **rows)
     _switch_step_kernel[grid](**logits, **grads, sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
-                              TOPK=topk, GREEDY=greedy, HAS_GRAD=need_grad)
+                              TOPK=topk, GREEDY=greedy, HAS_GRAD=need_grad, STUDENT_GIVEN=student_tokens is not None)
     thr = policy.coefficients()
     _switch_step_finish_kernel[(batch,)](
         positions_ptr=rows["positions_ptr"], sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
@@ -100,7 +103,7 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
 
 def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAULT_POLICY, temperature=1.0, seed=0,
                       row_keys=None, loss="fkl", alpha=0.1, beta=0.5, backend="auto",
-                      check_finite=True) -> SwitchStep:
+                      check_finite=True, student_tokens=None) -> SwitchStep:
     """One SWITCH decoding step over a batch of next-token logits: three launches over vocabulary splits.
 
     Per row: ``p_S = softmax(student / T)``, ``p_T = softmax(teacher / T)``, ``d = JSD(p_T, p_S)``
@@ -124,6 +127,9 @@ def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAU
         check_finite: raise ``ValueError`` for rows whose logits hold NaN/+inf (or are all -inf);
             costs one host sync on a ``[B]`` tensor. Without it such rows come back with a NaN
             ``divergence`` and ``loss`` and are never switched (see :func:`raise_on_bad_rows`).
+        student_tokens: ``[B]`` ints in ``[0, V)`` already sampled from the student (a decoder's drafts, drawn
+            with :func:`sample`): kept where the policy does not switch, returned as ``student_tokens``, and the
+            student's sampling is skipped (half of the first launch's work).
 
     Returns:
         ``SwitchStep(tokens, from_teacher, divergence, student_tokens, teacher_tokens, loss)``, each ``[B]``.
@@ -145,8 +151,10 @@ def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAU
     positions = check_positions(positions, batch, device)
     if row_keys is not None:
         row_keys = check_int_rows("row_keys", row_keys, batch, device)
+    if student_tokens is not None:
+        student_tokens = check_int_rows("student_tokens", student_tokens, batch, device)
     options = {"policy": policy, "temperature": temperature, "seed": seed, "row_keys": row_keys,
-               "loss": canonical_kind(loss, beta), "alpha": alpha, "beta": beta}
+               "loss": canonical_kind(loss, beta), "alpha": alpha, "beta": beta, "student_tokens": student_tokens}
 
     if resolve_backend(student_logits, backend) == "reference":
         step = reference.switch_step(student_logits, teacher_logits, positions, **options)
