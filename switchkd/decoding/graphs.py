@@ -198,7 +198,7 @@ class StaticDecoder:
         logits = self.pair.teacher(input_ids=inputs, position_ids=batch.positions, use_cache=False,
                                    logits_to_keep=0, **{ATTENTION_NAME: batch}).logits
         logits = self.pair.tokens_only(logits)
-        step = decide(lanes.student_logits[:, :k], logits, state, lanes.rows, self.request)
+        step = decide(lanes.student_logits[:, :k], logits, lanes.drafts[:, :k], state, lanes.rows, self.request)
         lanes.flags.copy_(commit(state, lanes.rows, step, k))
 
     def _run(self, key, step):

@@ -4,9 +4,10 @@ Each sequence keeps one *pending* token: the last accepted token, not yet in eit
 of ``k`` tokens runs ``k`` one-token student forwards (the student drafts ``d_0 .. d_{k-1}``, each
 sampled with the noise that stepwise decoding would use at that position), then one teacher forward
 over ``[pending, d_0 .. d_{k-2}]`` that scores all ``k`` positions. One ``fused_switch_step`` over
-the ``B * k`` rows decides; a sequence keeps its drafts up to the first switch, takes the
-teacher's token there, and both caches roll back to just before the new pending token. With
-``k = 1`` this is exactly the stepwise algorithm, and every ``k`` yields the same tokens.
+the ``B * k`` rows, given the drafts as the student's tokens, decides; a sequence keeps its drafts up
+to the first switch, takes the teacher's token there, and both caches roll back to just before the
+new pending token. With ``k = 1`` this is exactly the stepwise algorithm, and every ``k`` yields the
+same tokens.
 
 :class:`EagerDecoder` runs each block on the sequences still active, with per-forward metadata
 from the block managers; ``graphs.StaticDecoder`` runs the same blocks at fixed shapes.
@@ -72,37 +73,42 @@ def prefill(pair: ModelPair, ids: list[int], prompts: list[list[int]], stats: De
 
 def draft(pair: ModelPair, state: DecodeState, rows: torch.Tensor, ids: list[int], k: int, request: Request,
           stats: DecodeStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` one-token student forwards from the pending tokens: (logits ``[R, k, V]``, drafts ``[R, k - 1]``)."""
+    """``k`` one-token student forwards from the pending tokens, each followed by its sample: (logits
+    ``[R, k, V]``, drafts ``[R, k]``); the models read ``d_0 .. d_{k-2}``, ``d_{k-1}`` is the last position's
+    student token."""
     feed, keys, generated = state.pending[rows], state.keys[rows], state.generated[rows]
     logits, drafts = [], []
     for j in range(k):
+        if j:
+            feed = drafts[-1]
         out = forward(pair.student, pair.student_cache, ids, [1] * len(ids), feed[:, None], stats, last_only=True)
         logits.append(pair.tokens_only(out[:, -1]))
         stats.student_forwards += 1
-        if j < k - 1:
-            feed = sample(logits[-1], generated + j, temperature=request.temperature, seed=request.seed,
-                          row_keys=keys)
-            drafts.append(feed)
-    return torch.stack(logits, 1), torch.stack(drafts, 1) if drafts else feed.new_empty(len(ids), 0)
+        drafts.append(sample(logits[-1], generated + j, temperature=request.temperature, seed=request.seed,
+                             row_keys=keys))
+    return torch.stack(logits, 1), torch.stack(drafts, 1)
 
 
 def score(pair: ModelPair, state: DecodeState, rows: torch.Tensor, ids: list[int], drafts: torch.Tensor,
           stats: DecodeStats) -> torch.Tensor:
-    """One teacher forward over ``[pending, d_0 .. d_{k-2}]``: logits ``[R, k, V]``."""
-    inputs = torch.cat([state.pending[rows, None], drafts], 1)
+    """One teacher forward over ``[pending, d_0 .. d_{k-2}]`` (``drafts [R, k]``): logits ``[R, k, V]``."""
+    inputs = torch.cat([state.pending[rows, None], drafts[:, :-1]], 1)
     stats.teacher_forwards += 1
     return pair.tokens_only(forward(pair.teacher, pair.teacher_cache, ids, [inputs.shape[1]] * len(ids), inputs,
                                     stats, last_only=False))
 
 
-def decide(student_logits: torch.Tensor, teacher_logits: torch.Tensor, state: DecodeState, rows: torch.Tensor,
-           request: Request):
-    """The fused switch step over the ``R * k`` scored positions (no host sync)."""
+def decide(student_logits: torch.Tensor, teacher_logits: torch.Tensor, drafts: torch.Tensor, state: DecodeState,
+           rows: torch.Tensor, request: Request):
+    """The fused switch step over the ``R * k`` scored positions (no host sync). The drafts are the student's
+    tokens: where the policy does not switch, the token kept is the one both models read next, whatever the
+    kernels' rounding."""
     k, vocab = teacher_logits.shape[1:]
     positions = state.generated[rows, None] + torch.arange(k, device=rows.device)
     return fused_switch_step(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
                              positions.reshape(-1), policy=request.policy, temperature=request.temperature,
-                             seed=request.seed, row_keys=state.keys[rows].repeat_interleave(k), check_finite=False)
+                             seed=request.seed, row_keys=state.keys[rows].repeat_interleave(k), check_finite=False,
+                             student_tokens=drafts.reshape(-1))
 
 
 def read_flags(flags: torch.Tensor) -> list[list[int]]:
@@ -154,5 +160,5 @@ class EagerDecoder:
         active_ids = [ids[r] for r in active]
         student_logits, drafts = draft(self.pair, state, rows, active_ids, k, self.request, stats)
         teacher_logits = score(self.pair, state, rows, active_ids, drafts, stats)
-        step = decide(student_logits, teacher_logits, state, rows, self.request)
+        step = decide(student_logits, teacher_logits, drafts, state, rows, self.request)
         return read_flags(commit(state, rows, step, k))
