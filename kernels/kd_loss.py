@@ -10,10 +10,10 @@ import triton
 import triton.language as tl
 
 from .divergence import FKL, _grad_sweep, _loss_sweep, _nan_unless, _zero_sweep
-from .split import NO_SAMPLE, SUMS, _combine_stats, _row_stats, autotuned
+from .split import NO_SAMPLE, SUMS, _combine_stats, _row_stats, autotuned, row_kernel_configs
 
 
-@autotuned(key=["V", "KIND"], writes_grad=True)
+@autotuned(key=["V", "KIND"], writes_grad=True, gpu_configs=row_kernel_configs)
 @triton.jit
 def _kd_loss_kernel(
     s_ptr,  # [N, V] student logits
@@ -22,11 +22,24 @@ def _kd_loss_kernel(
     weight_ptr,  # [] float32 gradient scale, e.g. 1 / kept rows (read only when HAS_WEIGHT)
     loss_ptr,  # [N] float32 output: per-row loss (0 on ignored rows, NaN on non-finite rows)
     grad_ptr,  # [N, V] output: weight * d loss_row / d student logits (written only when HAS_GRAD)
-    s_stride, t_stride, grad_stride, V, chunk, scale2, inv_temp, alpha, beta, ignore_index,
+    n_rows, s_stride, t_stride, grad_stride, V, chunk, scale2, inv_temp, alpha, beta, ignore_index,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROWS_PER_SM: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """Rows ``program_id, program_id + programs, ...``: one row per program, or a persistent grid (the launcher
+    sizes it from ``ROWS_PER_SM``)."""
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        _kd_loss_row(tl.cast(row, tl.int64), s_ptr, t_ptr, labels_ptr, weight_ptr, loss_ptr, grad_ptr, s_stride, t_stride,
+                     grad_stride, V, scale2, inv_temp, alpha, beta, ignore_index, KIND, HAS_LABELS, HAS_GRAD,
+                     HAS_WEIGHT, BLOCK)
+
+
+@triton.jit
+def _kd_loss_row(row, s_ptr, t_ptr, labels_ptr, weight_ptr, loss_ptr, grad_ptr, s_stride, t_stride, grad_stride, V,
+                 scale2, inv_temp, alpha, beta, ignore_index, KIND: tl.constexpr, HAS_LABELS: tl.constexpr,
+                 HAS_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: statistics of both models, the loss sweep (backwards, starting on what is still in L2), and the
+    gradient sweep for every kind but fkl."""
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
     grad_row = grad_ptr + row * grad_stride

@@ -47,14 +47,28 @@ def gpu_tile_configs():
     ]
 
 
-def tile_configs():
+def row_kernel_configs():
+    """Configs of a kernel with one row per program and a grid that may be *persistent* (``ROWS_PER_SM`` rows in
+    flight per multiprocessor, each program looping over rows; 0 = one program per row). Few rows in flight keep
+    each row's later sweeps in L2 (a bf16 row pair of V = 128256 is 0.5 MB; L2 is 50 MB)."""
+    one_per_row = [triton.Config({**c.kwargs, "ROWS_PER_SM": 0}, num_warps=c.num_warps, num_stages=c.num_stages,
+                                 maxnreg=c.maxnreg) for c in gpu_tile_configs()]
+    return one_per_row + [
+        triton.Config({"BLOCK": 2048, "ROWS_PER_SM": 1}, num_warps=8, num_stages=2, maxnreg=255),
+        triton.Config({"BLOCK": 4096, "ROWS_PER_SM": 1}, num_warps=8, num_stages=2, maxnreg=255),
+        triton.Config({"BLOCK": 2048, "ROWS_PER_SM": 2}, num_warps=8, num_stages=2, maxnreg=255),
+    ]
+
+
+def tile_configs(gpu_configs=gpu_tile_configs):
     """The autotuner's configs: the GPU list; one config in the interpreter (tests swap in each GPU one)
     and with ``SWITCHKD_AUTOTUNE=0`` (GPU test runs: no tuning pass per new shape)."""
+    configs = gpu_configs()
     if interpreted():
-        return [triton.Config({"BLOCK": 1024}, num_warps=4)]
+        return [triton.Config(configs[0].kwargs, num_warps=4)]
     if os.environ.get("SWITCHKD_AUTOTUNE", "1") == "0":
-        return gpu_tile_configs()[1:2]
-    return gpu_tile_configs()
+        return configs[1:2]
+    return configs
 
 
 def prune_tiles(configs, nargs, **kwargs):
@@ -83,15 +97,15 @@ class InPlaceGradGuard:
             self.saved = None
 
 
-def autotuned(key, writes_grad=False):
+def autotuned(key, writes_grad=False, gpu_configs=gpu_tile_configs):
     """``triton.autotune`` with switchkd's tile configs and pruning, keyed on ``key`` (+ dtypes);
     ``writes_grad``: the kernel may write ``grad_ptr`` in place of ``s_ptr`` (see :class:`InPlaceGradGuard`)."""
     hooks = {}
     if writes_grad:
         guard = InPlaceGradGuard()
         hooks = {"pre_hook": guard.before, "post_hook": guard.after}
-    return triton.autotune(configs=tile_configs(), key=key, prune_configs_by={"early_config_prune": prune_tiles},
-                           **hooks)
+    return triton.autotune(configs=tile_configs(gpu_configs), key=key,
+                           prune_configs_by={"early_config_prune": prune_tiles}, **hooks)
 
 
 @functools.cache
@@ -101,15 +115,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def multiprocessors(device) -> int:
+    """The device's multiprocessors (4 stand-ins in the interpreter)."""
+    if getattr(device, "type", device) == "cuda":
+        return _sm_count(device.index if device.index is not None else 0)
+    return 4
+
+
 def split_plan(rows: int, vocab: int, device, splits: int | None = None) -> tuple[int, int]:
     """``(n_splits, chunk)``: enough programs for two per multiprocessor (8 in the interpreter), each
     chunk at least 1024 columns (256 interpreted) and a multiple of 128; ``splits`` overrides the count
     (tests), which the 128-column alignment may then lower."""
     if splits is None:
-        if getattr(device, "type", device) == "cuda":
-            target, min_chunk = 2 * _sm_count(device.index if device.index is not None else 0), 1024
-        else:
-            target, min_chunk = 8, 256
+        target = 2 * multiprocessors(device)
+        min_chunk = 1024 if getattr(device, "type", device) == "cuda" else 256
         wanted = triton.next_power_of_2(triton.cdiv(target, max(rows, 1)))
         splits = min(wanted, vocab // min_chunk)
     splits = max(1, min(splits, MAX_SPLITS))

@@ -138,7 +138,8 @@ def variants(kernel, kwargs):
     out = []
     for config in kernel.configs:
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "maxnreg": config.maxnreg}
-        label = f"[BLOCK={config.kwargs['BLOCK']},w{config.num_warps},s{config.num_stages},r{config.maxnreg}]"
+        tiles = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
+        label = f"[{tiles},w{config.num_warps},s{config.num_stages},r{config.maxnreg}]"
         out.append((label, kernel.fn, {**kwargs, **config.kwargs, **options}))
     return out
 

@@ -56,15 +56,21 @@ def sass(fn, kwargs, arch=90) -> str:
 
 
 def loops(text: str) -> list[dict]:
-    """Each loop of a SASS listing: its instruction count, global loads and special-function (MUFU) ops."""
+    """Each innermost loop of a SASS listing (an outer loop over rows holds the vocabulary loops): its instruction
+    count, global loads and special-function (MUFU) ops."""
     body = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
-    out = []
+    spans = []
     for address, instruction in body:
         branch = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|(0x[0-9a-f]+))", instruction)
         if branch and branch.group(1) and int(branch.group(1), 16) < address:
-            ops = [i for a, i in body if int(branch.group(1), 16) <= a <= address]
-            out.append({"instructions": len(ops), "loads": sum("LDG" in i for i in ops),
-                        "mufu": sum("MUFU" in i for i in ops)})
+            spans.append((int(branch.group(1), 16), address))
+    out = []
+    for lo, hi in spans:
+        if any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in spans):
+            continue  # holds another loop
+        ops = [i for a, i in body if lo <= a <= hi]
+        out.append({"instructions": len(ops), "loads": sum("LDG" in i for i in ops),
+                    "mufu": sum("MUFU" in i for i in ops)})
     return out
 
 

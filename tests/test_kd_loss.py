@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import triton
 
 from switchkd import kd_loss, reference
 from switchkd.kernels import kd_loss as kd_kernels
@@ -35,11 +36,13 @@ GPU_TILES = {c.kwargs["BLOCK"]: c for c in split_kernels.gpu_tile_configs()}
 
 
 @contextlib.contextmanager
-def only_config(config):
-    """Every autotuned kernel runs ``config`` within the block."""
+def only_config(config, rows_per_sm=0):
+    """Every autotuned kernel runs ``config`` within the block (the per-row kd_loss kernel with ``rows_per_sm``)."""
     saved = [(k, k.configs, dict(k.cache)) for k in AUTOTUNED]
     for kernel in AUTOTUNED:
-        kernel.configs = [config]
+        row_kernel = kernel is kd_kernels._kd_loss_kernel
+        kwargs = {**config.kwargs, "ROWS_PER_SM": rows_per_sm} if row_kernel else config.kwargs
+        kernel.configs = [triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)]
         kernel.cache.clear()
     try:
         yield
@@ -102,6 +105,30 @@ def test_every_gpu_tile_matches_reference(rows, vocab, splits, block):
 
     with only_config(GPU_TILES[block]):
         check_rows(s, t, "jsd", {"beta": 0.3}, kernel=kernel)
+
+
+PERSISTENT = [c for c in split_kernels.row_kernel_configs() if c.kwargs["ROWS_PER_SM"]]
+
+
+@pytest.mark.parametrize("config", PERSISTENT, ids=lambda c: f"{c.kwargs}")
+def test_persistent_row_kernel_matches_reference(config):
+    """A persistent grid (fewer programs than rows, each looping over rows) gives every row its loss and gradient,
+    ignored rows included."""
+    s, t = random_logits(11, 3001, torch.bfloat16), random_logits(11, 3001, torch.bfloat16)
+    labels = torch.tensor([1, -100, 2, 3, 4, 5, -100, 6, 7, 8, 9], device=DEVICE)
+
+    def kernel(x, y):
+        out, grad = kd_loss_triton(x.detach(), y, labels, kind="srkl", alpha=0.2, beta=0.5, temperature=1.3,
+                                   ignore_index=-100, need_grad=True, splits=1)
+        return attach_grad(x, out, grad)
+
+    with only_config(config, rows_per_sm=config.kwargs["ROWS_PER_SM"]):
+        (out, grad), (ref, ref_grad), (plain, plain_grad) = run_rows(s, t, "srkl", {"alpha": 0.2}, 1.3, kernel)
+    keep = labels != -100
+    assert (out[~keep] == 0).all() and (grad[~keep] == 0).all()
+    assert_error_ratio("loss", out[keep], ref[keep], plain[keep], LOSS_ATOL[s.dtype])
+    rounding = (ref_grad.to(s.dtype).double() - ref_grad).abs().max().item()
+    assert_error_ratio("grad", grad[keep], ref_grad[keep], plain_grad[keep], GRAD_ATOL[s.dtype] + rounding)
 
 
 @pytest.mark.parametrize("splits", [1, 3])

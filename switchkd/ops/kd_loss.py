@@ -35,7 +35,7 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
     written). ``splits`` overrides the split count (tests).
     """
     from ..kernels.kd_loss import _kd_loss_kernel, _kd_loss_split_kernel
-    from ..kernels.split import NO_SAMPLE, _grad_kernel, _stats_kernel, split_plan
+    from ..kernels.split import NO_SAMPLE, _grad_kernel, _stats_kernel, multiprocessors, split_plan
 
     (n_rows, vocab), device = student_logits.shape, student_logits.device
     loss = torch.empty(n_rows, device=device, dtype=torch.float32)
@@ -55,7 +55,12 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
             "alpha": float(alpha), "beta": float(beta), "ignore_index": ignore_index, "KIND": LOSS_CODES[kind],
             "HAS_LABELS": labels is not None, "HAS_WEIGHT": weight is not None}
     if n_splits == 1:
-        _kd_loss_kernel[(n_rows,)](loss_ptr=loss, HAS_GRAD=need_grad, **args)
+        in_flight = multiprocessors(device)
+
+        def grid(meta):  # one program per row, or ROWS_PER_SM per multiprocessor looping over the rows
+            return (n_rows if meta["ROWS_PER_SM"] == 0 else min(n_rows, meta["ROWS_PER_SM"] * in_flight),)
+
+        _kd_loss_kernel[grid](loss_ptr=loss, n_rows=n_rows, HAS_GRAD=need_grad, **args)
         return loss, grad
     grid, f32 = (n_rows, n_splits), {"device": device, "dtype": torch.float32}
     stats, sums = torch.empty(n_rows, n_splits, 4, **f32), torch.empty(n_rows, n_splits, 4, **f32)
