@@ -21,10 +21,11 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # Finite start for running maxima: keeps exp2(m_old - m_new) free of NaN on all -inf tiles.
 NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
-# Floor of base-2 log-probabilities: exp2 of it is exactly 0, so a column of probability 0 (-inf logit, masked
-# column, underflow) contributes p * (log p - log q) = 0 * finite = 0 to every term and gradient, with no
-# per-column masks. Rows with NaN/+inf logits are reported by their softmax sums (``valid``), not per column.
-LOG2P_FLOOR: tl.constexpr = tl.constexpr(-1000.0)
+# Floor of base-2 log-probabilities, reached only by -inf logits (masked or padded columns): it keeps every log
+# finite, so a column of probability 0 contributes p * (log p - log q) = 0 * finite = 0 to every term and
+# gradient with no per-column masks, while any finite log-probability (even one that exp2 rounds to 0) stays exact.
+# Rows with NaN/+inf logits are reported by their softmax sums (``valid``), not per column.
+LOG2P_FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
 FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # floor of mixture probabilities: their log is finite
 INTERPRETED: tl.constexpr = tl.constexpr(interpreted())
 

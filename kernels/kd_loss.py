@@ -29,9 +29,9 @@ def _kd_loss_kernel(
     """Rows ``program_id, program_id + programs, ...``: one row per program, or a persistent grid (the launcher
     sizes it from ``ROWS_PER_SM``)."""
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        _kd_loss_row(tl.cast(row, tl.int64), s_ptr, t_ptr, labels_ptr, weight_ptr, loss_ptr, grad_ptr, s_stride, t_stride,
-                     grad_stride, V, scale2, inv_temp, alpha, beta, ignore_index, KIND, HAS_LABELS, HAS_GRAD,
-                     HAS_WEIGHT, BLOCK)
+        _kd_loss_row(tl.cast(row, tl.int64), s_ptr, t_ptr, labels_ptr, weight_ptr, loss_ptr, grad_ptr, s_stride,
+                     t_stride, grad_stride, V, scale2, inv_temp, alpha, beta, ignore_index, KIND, HAS_LABELS,
+                     HAS_GRAD, HAS_WEIGHT, BLOCK)
 
 
 @triton.jit

@@ -239,6 +239,19 @@ def test_masked_vocabulary_entries_stay_finite(rows, backend):
 
 
 @pytest.mark.parametrize("rows", [4, 1])
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+def test_probabilities_below_float32_keep_their_exact_logs(kind, rows, backend):
+    """At a low temperature most probabilities underflow to 0 while their log-ratios run to thousands of nats; the
+    KL terms of the columns one model still gives mass to use the exact logs, as the float64 reference does."""
+    s, t = random_logits(rows, 600), random_logits(rows, 600)
+    x = s.clone().requires_grad_()
+    loss = kd_loss(x, t, kind=kind, temperature=0.02, reduction="none", backend=backend)
+    ref = reference.kd_loss(s.double(), t.double(), kind=kind, temperature=0.02, reduction="none")
+    assert (ref > 20).all(), "the data should put mass where the other model's probability underflows"
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [4, 1])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_logits_give_a_nan_loss(bad, rows, backend):
     s, t = random_logits(rows, 600), random_logits(rows, 600)
