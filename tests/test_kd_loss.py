@@ -110,12 +110,14 @@ def test_every_gpu_tile_matches_reference(rows, vocab, splits, block):
 PERSISTENT = [c for c in split_kernels.row_kernel_configs() if c.kwargs["ROWS_PER_SM"]]
 
 
+@pytest.mark.parametrize("rows, vocab", [(11, 3001), (5, 9001), (256, 7)])
 @pytest.mark.parametrize("config", PERSISTENT, ids=lambda c: f"{c.kwargs}")
-def test_persistent_row_kernel_matches_reference(config):
+def test_persistent_row_kernel_matches_reference(config, rows, vocab):
     """A persistent grid (fewer programs than rows, each looping over rows) gives every row its loss and gradient,
     ignored rows included."""
-    s, t = random_logits(11, 3001, torch.bfloat16), random_logits(11, 3001, torch.bfloat16)
-    labels = torch.tensor([1, -100, 2, 3, 4, 5, -100, 6, 7, 8, 9], device=DEVICE)
+    s, t = random_logits(rows, vocab, torch.bfloat16), random_logits(rows, vocab, torch.bfloat16)
+    labels = torch.arange(rows, device=DEVICE) % vocab
+    labels[1::5] = -100
 
     def kernel(x, y):
         out, grad = kd_loss_triton(x.detach(), y, labels, kind="srkl", alpha=0.2, beta=0.5, temperature=1.3,
