@@ -132,3 +132,23 @@ def test_uncapturable_model_falls_back_to_eager_steps_with_a_warning():
         del student.forward
     assert_same(out, eager)
     assert_same(again, eager)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_teacher_hidden_states_give_the_teacher_logits_of_each_generated_token(family, cuda_graphs):
+    """``return_teacher_hidden``: the teacher's LM head of each kept hidden state is the full-sequence teacher's
+    logits at the position that predicts that token (after switches, rollbacks, EOS and sub-batches); zeros past the
+    end; the tokens are those of a call without it."""
+    teacher, student = pair(family, dtype=torch.float64)
+    kwargs = {"policy": MIXED, "max_new_tokens": 9, "draft_len": 4, "eos_token_id": 3}
+    gen = SwitchGenerator(teacher, student, block_size=4, num_blocks=12, cuda_graphs=cuda_graphs)
+    out = gen.generate(RAGGED, return_teacher_hidden=True, **kwargs)
+    assert torch.equal(out.sequences, gen.generate(RAGGED, **kwargs).sequences)
+    assert 0 < out.teacher_share < 1
+    head = teacher.get_output_embeddings().weight
+    for b, prompt in enumerate(RAGGED):
+        n = len(out.responses[b])
+        full = teacher(input_ids=torch.tensor([prompt + out.responses[b]])).logits[0, len(prompt) - 1:][:n]
+        torch.testing.assert_close(out.teacher_hidden[b, :n] @ head.T, full, rtol=1e-9, atol=1e-9)
+        assert (out.teacher_hidden[b, n:] == 0).all()

@@ -31,6 +31,9 @@ class SwitchOutput:
     divergence: torch.Tensor  # [B, max_new_tokens] float32 JSD (nats) at each generated token, NaN past the end
     responses: list[list[int]]  # the generated tokens of each row (EOS included when produced)
     stats: DecodeStats  # forwards of each model, drafted blocks, host bookkeeping time
+    # [B, max_new_tokens, H] (device, the teacher's dtype) with return_teacher_hidden: the teacher's last hidden
+    # state at the position that predicts each generated token (its LM head's input), zeros past the end
+    teacher_hidden: torch.Tensor | None = None
 
     @property
     def student_forwards(self) -> int:
@@ -221,11 +224,14 @@ class SwitchGenerator:
     def generate(self, prompts, attention_mask=None, *, policy: SwitchPolicy = DEFAULT_POLICY,
                  max_new_tokens: int = 256, temperature: float = 1.0, eos_token_id: int | list[int] | None = None,
                  seed: int = 0, draft_len: int = 4, adaptive_draft: bool = True, pad_token_id: int | None = None,
-                 row_keys: list[int] | None = None) -> SwitchOutput:
+                 row_keys: list[int] | None = None, return_teacher_hidden: bool = False) -> SwitchOutput:
         """Generate up to ``max_new_tokens`` per prompt; see :func:`switch_generate`."""
         prompts = prompt_lists(prompts, attention_mask)
         eos = self._check_request(prompts, policy, max_new_tokens, draft_len, eos_token_id)
-        request = Request(policy, max_new_tokens, float(temperature), seed, eos, draft_len, adaptive_draft)
+        if return_teacher_hidden not in (True, False):
+            raise ValueError(f"return_teacher_hidden must be True or False, got {return_teacher_hidden!r}")
+        request = Request(policy, max_new_tokens, float(temperature), seed, eos, draft_len, adaptive_draft,
+                          return_teacher_hidden)
         keys = self._row_keys(row_keys, len(prompts))
         needs = [self._blocks_for(len(p) + max_new_tokens + draft_len) for p in prompts]
         pair = self._pair(needs)
@@ -308,11 +314,14 @@ class SwitchGenerator:
 
 
 def _rows_of(state: DecodeState, prompts: list[list[int]]):
-    """(tokens, from_teacher, divergence) host lists of each row of a finished sub-batch."""
+    """(tokens, from_teacher, divergence, teacher hidden states or None) of each row of a finished sub-batch; the
+    hidden states stay on the device (copied: a static workspace is reused by the next sub-batch)."""
     counts = [state.cached[r] - len(p) + 1 for r, p in enumerate(prompts)]
     tokens, switched, divergence = (x[: len(prompts)].cpu() for x in (state.tokens, state.from_teacher,
                                                                        state.divergence))
-    return [(tokens[r, :n].tolist(), switched[r, :n], divergence[r, :n]) for r, n in enumerate(counts)]
+    hidden = state.teacher_hidden
+    return [(tokens[r, :n].tolist(), switched[r, :n], divergence[r, :n],
+             None if hidden is None else hidden[r, :n].clone()) for r, n in enumerate(counts)]
 
 
 def _collect(prompts, rows, max_new_tokens, pad_token_id, eos, stats: DecodeStats) -> SwitchOutput:
@@ -322,10 +331,14 @@ def _collect(prompts, rows, max_new_tokens, pad_token_id, eos, stats: DecodeStat
     sequences = torch.full((len(prompts), width), pad, dtype=torch.int64)
     from_teacher = torch.zeros(len(prompts), max_new_tokens, dtype=torch.bool)
     divergence = torch.full((len(prompts), max_new_tokens), float("nan"))
-    for i, (p, (r, switched, div)) in enumerate(zip(prompts, rows, strict=True)):
+    first = rows[0][3]
+    hidden = None if first is None else first.new_zeros(len(prompts), max_new_tokens, first.shape[-1])
+    for i, (p, (r, switched, div, h)) in enumerate(zip(prompts, rows, strict=True)):
         sequences[i, : len(p) + len(r)] = torch.tensor(p + r)
         from_teacher[i, : len(r)] = switched
         divergence[i, : len(r)] = div
+        if hidden is not None:
+            hidden[i, : len(r)] = h
     return SwitchOutput(
         sequences=sequences,
         prompt_lengths=torch.tensor([len(p) for p in prompts]),
@@ -334,6 +347,7 @@ def _collect(prompts, rows, max_new_tokens, pad_token_id, eos, stats: DecodeStat
         divergence=divergence,
         responses=responses,
         stats=stats,
+        teacher_hidden=hidden,
     )
 
 
@@ -341,7 +355,8 @@ def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: S
                     max_new_tokens: int = 256, temperature: float = 1.0, eos_token_id: int | list[int] | None = None,
                     seed: int = 0, draft_len: int = 4, adaptive_draft: bool = True, pad_token_id: int | None = None,
                     row_keys: list[int] | None = None, block_size: int = 16, num_blocks: int | None = None,
-                    cuda_graphs: bool | None = None, vocab_size: int | None = None) -> SwitchOutput:
+                    cuda_graphs: bool | None = None, vocab_size: int | None = None,
+                    return_teacher_hidden: bool = False) -> SwitchOutput:
     """Generate with SWITCH: the student writes, the teacher takes over tokens the policy picks.
 
     Args:
@@ -359,6 +374,9 @@ def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: S
         block_size, num_blocks, cuda_graphs: KV pool geometry and step path (see :class:`SwitchGenerator`).
         vocab_size: the tokenizer's length when a model's LM head has padded rows (never sampled); see
             :class:`SwitchGenerator`.
+        return_teacher_hidden: also return the teacher's last hidden state at the position that predicts each
+            generated token (``SwitchOutput.teacher_hidden``; its LM head gives the teacher's logits there), so
+            that a training step's loss needs no teacher forward.
 
     Returns:
         :class:`SwitchOutput` with ``sequences``, ``from_teacher``, ``divergence`` and counters.
@@ -367,4 +385,5 @@ def switch_generate(teacher, student, prompts, attention_mask=None, *, policy: S
                                 cuda_graphs=cuda_graphs, vocab_size=vocab_size)
     return generator.generate(prompts, attention_mask, policy=policy, max_new_tokens=max_new_tokens,
                               temperature=temperature, eos_token_id=eos_token_id, seed=seed, draft_len=draft_len,
-                              adaptive_draft=adaptive_draft, pad_token_id=pad_token_id, row_keys=row_keys)
+                              adaptive_draft=adaptive_draft, pad_token_id=pad_token_id, row_keys=row_keys,
+                              return_teacher_hidden=return_teacher_hidden)

@@ -151,7 +151,8 @@ class StaticDecoder:
 
     def _workspace(self, rows: int, width: int) -> Workspace:
         request = self.request
-        state = DecodeState.empty(rows + 1, request.max_new_tokens + request.draft_len, len(request.eos), self.device)
+        state = DecodeState.empty(rows + 1, request.max_new_tokens + request.draft_len, len(request.eos), self.device,
+                                  self.pair.teacher_head() if request.teacher_hidden else None)
         return Workspace(state, width)
 
     def block(self, state: DecodeState, ids: list[int], active: list[int], k: int,
@@ -195,11 +196,12 @@ class StaticDecoder:
         lanes, state = self.lanes, self.ws.state
         batch = lanes.teacher.batch(slice(0, k))
         inputs = torch.cat([state.pending[lanes.rows, None], lanes.drafts[:, : k - 1]], 1)
-        logits = self.pair.teacher(input_ids=inputs, position_ids=batch.positions, use_cache=False,
-                                   logits_to_keep=0, **{ATTENTION_NAME: batch}).logits
-        logits = self.pair.tokens_only(logits)
+        keep = state.teacher_hidden is not None
+        out = self.pair.teacher(input_ids=inputs, position_ids=batch.positions, use_cache=False, logits_to_keep=0,
+                                output_hidden_states=keep, **{ATTENTION_NAME: batch})
+        logits = self.pair.tokens_only(out.logits)
         step = decide(lanes.student_logits[:, :k], logits, lanes.drafts[:, :k], state, lanes.rows, self.request)
-        lanes.flags.copy_(commit(state, lanes.rows, step, k))
+        lanes.flags.copy_(commit(state, lanes.rows, step, k, out.hidden_states[-1] if keep else None))
 
     def _run(self, key, step):
         """Replay ``key``'s graph; on its first use run ``step`` eagerly (warm-up), then capture it."""

@@ -39,20 +39,25 @@ class ModelPair:
     def caches(self) -> tuple[PagedKVCache, PagedKVCache]:
         return self.teacher_cache, self.student_cache
 
+    def teacher_head(self) -> torch.Tensor:
+        """The teacher's LM-head weight ``[V, H]`` (the size and dtype of its last hidden states)."""
+        return self.teacher.get_output_embeddings().weight
+
     def tokens_only(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits[..., :vocab_size]`` (a view): padded rows are never sampled nor in the divergence."""
         return logits if self.vocab_size is None else logits[..., : self.vocab_size]
 
 
 def forward(model, cache: PagedKVCache, ids: list[int], counts: list[int], input_ids: torch.Tensor,
-            stats: DecodeStats, last_only: bool) -> torch.Tensor:
-    """One forward of ``model`` over ``counts[b]`` new tokens of sequence ``ids[b]``; logits ``[B, q or 1, rows]``."""
+            stats: DecodeStats, last_only: bool, hidden: bool = False):
+    """One forward of ``model`` over ``counts[b]`` new tokens of sequence ``ids[b]``; logits ``[B, q or 1, rows]``
+    (and, with ``hidden``, the last hidden states ``[B, q, H]``)."""
     start = time.perf_counter()
     batch = cache.prepare(ids, counts, input_ids.device)
     stats.bookkeeping_seconds += time.perf_counter() - start
     out = model(input_ids=input_ids, position_ids=batch.positions, use_cache=False,
-                logits_to_keep=1 if last_only else 0, **{ATTENTION_NAME: batch})
-    return out.logits
+                logits_to_keep=1 if last_only else 0, output_hidden_states=hidden, **{ATTENTION_NAME: batch})
+    return (out.logits, out.hidden_states[-1]) if hidden else out.logits
 
 
 def prefill(pair: ModelPair, ids: list[int], prompts: list[list[int]], stats: DecodeStats):
@@ -90,12 +95,16 @@ def draft(pair: ModelPair, state: DecodeState, rows: torch.Tensor, ids: list[int
 
 
 def score(pair: ModelPair, state: DecodeState, rows: torch.Tensor, ids: list[int], drafts: torch.Tensor,
-          stats: DecodeStats) -> torch.Tensor:
-    """One teacher forward over ``[pending, d_0 .. d_{k-2}]`` (``drafts [R, k]``): logits ``[R, k, V]``."""
+          stats: DecodeStats) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One teacher forward over ``[pending, d_0 .. d_{k-2}]`` (``drafts [R, k]``): logits ``[R, k, V]``, and the
+    last hidden states ``[R, k, H]`` when the state keeps them."""
     inputs = torch.cat([state.pending[rows, None], drafts[:, :-1]], 1)
     stats.teacher_forwards += 1
-    return pair.tokens_only(forward(pair.teacher, pair.teacher_cache, ids, [inputs.shape[1]] * len(ids), inputs,
-                                    stats, last_only=False))
+    keep = state.teacher_hidden is not None
+    out = forward(pair.teacher, pair.teacher_cache, ids, [inputs.shape[1]] * len(ids), inputs, stats,
+                  last_only=False, hidden=keep)
+    logits, hidden = out if keep else (out, None)
+    return pair.tokens_only(logits), hidden
 
 
 def decide(student_logits: torch.Tensor, teacher_logits: torch.Tensor, drafts: torch.Tensor, state: DecodeState,
@@ -149,7 +158,8 @@ class EagerDecoder:
 
     def new_state(self, keys: list[int], prompts: list[list[int]]) -> DecodeState:
         width = self.request.max_new_tokens + self.request.draft_len
-        state = DecodeState.empty(len(prompts), width, len(self.request.eos), self.device)
+        state = DecodeState.empty(len(prompts), width, len(self.request.eos), self.device,
+                                  self.pair.teacher_head() if self.request.teacher_hidden else None)
         state.load_(keys, prompts, self.request)
         return state
 
@@ -159,6 +169,6 @@ class EagerDecoder:
         rows = torch.tensor(active, device=self.device)
         active_ids = [ids[r] for r in active]
         student_logits, drafts = draft(self.pair, state, rows, active_ids, k, self.request, stats)
-        teacher_logits = score(self.pair, state, rows, active_ids, drafts, stats)
+        teacher_logits, hidden = score(self.pair, state, rows, active_ids, drafts, stats)
         step = decide(student_logits, teacher_logits, drafts, state, rows, self.request)
-        return read_flags(commit(state, rows, step, k))
+        return read_flags(commit(state, rows, step, k, hidden))

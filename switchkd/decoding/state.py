@@ -24,6 +24,7 @@ class Request:
     eos: tuple[int, ...]  # EOS token ids (empty: none)
     draft_len: int
     adaptive_draft: bool
+    teacher_hidden: bool = False  # keep the teacher's last hidden state at every generated token
 
 
 @dataclass
@@ -60,15 +61,20 @@ class DecodeState:
     divergence: torch.Tensor  # [R, W] float32, NaN where nothing was generated
     eos: torch.Tensor  # [E] int64 EOS ids
     cached: list[int] = field(default_factory=list)  # host: tokens in each row's caches
+    # [R, W, H] the teacher's last hidden state at the position that predicts each generated token, or None
+    teacher_hidden: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, rows: int, width: int, num_eos: int, device) -> DecodeState:
+    def empty(cls, rows: int, width: int, num_eos: int, device, hidden: torch.Tensor | None = None) -> DecodeState:
+        """``hidden``: the teacher's LM-head weight ``[V, H]`` when its hidden states are kept (their size, dtype)."""
         def ints(*shape):
             return torch.zeros(shape, dtype=torch.int64, device=device)
 
+        teacher_hidden = None if hidden is None else hidden.new_zeros(rows, width, hidden.shape[1], device=device)
         return cls(ints(rows), ints(rows), ints(rows), ints(rows), ints(rows, width),
                    torch.zeros(rows, width, dtype=torch.bool, device=device),
-                   torch.full((rows, width), float("nan"), device=device), ints(num_eos))
+                   torch.full((rows, width), float("nan"), device=device), ints(num_eos),
+                   teacher_hidden=teacher_hidden)
 
     def load_(self, keys: list[int], prompts: list[list[int]], request: Request):
         """Reset in place for a new sub-batch (rows past ``len(prompts)`` are padding, finished from the start)."""
@@ -117,7 +123,8 @@ def accept(tokens: torch.Tensor, from_teacher: torch.Tensor, remaining: torch.Te
     return keep, finished
 
 
-def commit(state: DecodeState, rows: torch.Tensor, step: SwitchStep, k: int) -> torch.Tensor:
+def commit(state: DecodeState, rows: torch.Tensor, step: SwitchStep, k: int,
+           hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Write the decided tokens of ``rows`` into ``state`` and advance the rows by the kept ones (in place,
     no host sync).
 
@@ -133,6 +140,8 @@ def commit(state: DecodeState, rows: torch.Tensor, step: SwitchStep, k: int) -> 
     row_index = rows[:, None].expand_as(columns)
     for out, new in ((state.tokens, tokens), (state.from_teacher, switched), (state.divergence, divergence)):
         out.index_put_((row_index, columns), new)
+    if hidden is not None:  # [R, k, H]: the teacher's hidden state at the input that predicts each column
+        state.teacher_hidden.index_put_((row_index, columns), hidden.to(state.teacher_hidden.dtype))
     last = tokens.gather(1, (keep - 1).clamp_min(0)[:, None])[:, 0]
     state.pending[rows] = torch.where(keep > 0, last, state.pending[rows])
     state.generated[rows] = generated + keep
