@@ -3,11 +3,13 @@ and SWITCH on the same prompts, timed piece by piece.
 
 Pieces: ``generation`` (``SwitchGenerator`` under ``no_grad``: policy ``never`` for GKD, as the trainer's
 ``student`` source does, and an ``exp`` policy calibrated so that about half of the tokens switch for
-SWITCH), ``teacher_forward`` (``no_grad``), ``student_forward_loss`` and ``backward_optimizer`` (backward,
-AdamW step, zero_grad). SFT and KD train on the data's responses (random tokens of the same length), so
-every method trains the same number of tokens. The loss is what the trainer computes on each device:
-``kd_loss`` on logits on CPU, ``fused_linear_kd_loss`` on the last hidden states on CUDA. The pieces are
-measured directly (no Trainer); each figure is the median of ``reps`` steps after one warm-up step.
+SWITCH), ``teacher_forward`` (``no_grad``; for generated responses the teacher's LM head of the hidden states
+decoding kept, as the trainer's ``reuse_teacher_states`` does, else a teacher forward), ``student_forward_loss``
+and ``backward_optimizer`` (backward, AdamW step, zero_grad). SFT and KD train on the data's responses (random
+tokens of the same length), so every method trains the same number of tokens. The loss is what the trainer
+computes on each device: ``kd_loss`` on logits on CPU, ``fused_linear_kd_loss`` on the last hidden states on
+CUDA. The pieces are measured directly (no Trainer); each figure is the median of ``reps`` steps after one
+warm-up step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 import switchkd
+from switchkd.training.data import teacher_hidden_at_labels
 
 from decode import PAIRS, build, calibrated_policy
 
@@ -76,15 +79,16 @@ class Setup:
     fused_linear: bool
 
 
-def sequences(method: str, setup: Setup) -> tuple[torch.Tensor, dict]:
-    """``[B, P + N]`` prompt + response token ids, and the generation's teacher share and forward counts."""
+def sequences(method: str, setup: Setup) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """``[B, P + N]`` prompt + response token ids, the generation's teacher share and forward counts, and the
+    teacher's hidden states at the generated tokens (what the trainer reuses), or None for data responses."""
     if method in ("sft", "kd"):
-        return torch.cat([setup.prompts, setup.data_responses], 1), {}
+        return torch.cat([setup.prompts, setup.data_responses], 1), {}, None
     out = setup.generator.generate(setup.prompts, policy=setup.policies[method],
-                                   max_new_tokens=setup.data_responses.shape[1])
+                                   max_new_tokens=setup.data_responses.shape[1], return_teacher_hidden=True)
     return out.sequences.to(setup.prompts.device), {"teacher_share": out.teacher_share,
                                                     "student_forwards": out.student_forwards,
-                                                    "teacher_forwards": out.teacher_forwards}
+                                                    "teacher_forwards": out.teacher_forwards}, out.teacher_hidden
 
 
 def logits_or_hidden(model, input_ids, fused_linear: bool) -> torch.Tensor:
@@ -94,6 +98,15 @@ def logits_or_hidden(model, input_ids, fused_linear: bool) -> torch.Tensor:
     return model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
 
 
+def teacher_side(setup: Setup, input_ids, labels, hidden) -> torch.Tensor:
+    """The teacher's logits (or hidden states, fused) at the label positions: its LM head of the hidden states kept
+    by decoding, as the trainer does for generated responses, else a teacher forward."""
+    if hidden is None:
+        return logits_or_hidden(setup.teacher, input_ids, setup.fused_linear)[:, :-1]
+    aligned = teacher_hidden_at_labels(hidden, [hidden.shape[1]] * hidden.shape[0], labels)
+    return aligned if setup.fused_linear else setup.teacher.get_output_embeddings()(aligned)
+
+
 def student_loss(method: str, setup: Setup, input_ids, labels, teacher_out) -> torch.Tensor:
     """Cross-entropy (SFT) or the KD loss on the response tokens."""
     fused = setup.fused_linear and method != "sft"
@@ -101,21 +114,20 @@ def student_loss(method: str, setup: Setup, input_ids, labels, teacher_out) -> t
     if method == "sft":
         return torch.nn.functional.cross_entropy(s_out.flatten(0, 1).float(), labels.flatten())
     if fused:
-        return switchkd.fused_linear_kd_loss(s_out, setup.student.get_output_embeddings().weight, teacher_out[:, :-1],
+        return switchkd.fused_linear_kd_loss(s_out, setup.student.get_output_embeddings().weight, teacher_out,
                                              setup.teacher.get_output_embeddings().weight, labels)
-    return switchkd.kd_loss(s_out, teacher_out[:, :-1], labels)
+    return switchkd.kd_loss(s_out, teacher_out, labels)
 
 
 def train_step(method: str, setup: Setup, device: str) -> tuple[dict, dict]:
     """One optimizer step of ``method``: (seconds per piece, generation statistics)."""
     timer = PieceTimer(device)
-    input_ids, stats = timer("generation", torch.no_grad()(sequences), method, setup)
+    input_ids, stats, hidden = timer("generation", torch.no_grad()(sequences), method, setup)
     labels = input_ids[:, 1:].clone()
     labels[:, : setup.prompts.shape[1] - 1] = -100
     teacher_out = None
     if method != "sft":
-        teacher_out = timer("teacher_forward", torch.no_grad()(logits_or_hidden), setup.teacher, input_ids,
-                            setup.fused_linear)
+        teacher_out = timer("teacher_forward", torch.no_grad()(teacher_side), setup, input_ids, labels, hidden)
     loss = timer("student_forward_loss", student_loss, method, setup, input_ids, labels, teacher_out)
 
     def update():

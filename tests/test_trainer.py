@@ -136,6 +136,39 @@ def test_training_step_generates_then_computes_the_loss_on_packed_sequences(tmp_
         assert 1 <= len(response) <= 8 and ids[len(prompt): len(prompt) + len(response)] == response
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_reused_teacher_states_replace_the_teacher_forward(tmp_path, tokenizer, fused):
+    """Generated responses bring the teacher's hidden states from decoding: the loss equals the one from a teacher
+    forward, and after a one-time check the loss makes no teacher forward of its own."""
+    trainer = make_trainer(tmp_path, tokenizer, source="switch", fused_linear_loss=fused)
+    seen, full_forwards = [], []
+    compute_loss = trainer.compute_loss
+    trainer.compute_loss = lambda model, inputs, **kw: seen.append(inputs) or compute_loss(model, inputs, **kw)
+    trainer.teacher.register_forward_pre_hook(  # decoding's forwards carry the paged-attention metadata
+        lambda module, args, kwargs: full_forwards.append(not any(k.startswith("switchkd") for k in kwargs)),
+        with_kwargs=True)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    for start in (0, 3):
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(start, start + 3)])
+        full_forwards.clear()
+        trainer.training_step(trainer.model, batch)
+    assert sum(full_forwards) == 0, "the second step's loss ran the teacher"
+    inputs = seen[-1]
+    assert inputs["teacher_hidden"].shape[:2] == inputs["labels"][:, 1:].shape
+    with torch.no_grad():
+        reused = compute_loss(trainer.model, inputs)
+        forward = compute_loss(trainer.model, {k: v for k, v in inputs.items() if k != "teacher_hidden"})
+    torch.testing.assert_close(reused, forward, rtol=1e-5, atol=1e-6)
+
+
+def test_no_reuse_when_switched_off(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, source="switch", reuse_teacher_states=False)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    with torch.no_grad():
+        assert trainer._responses(trainer.model, batch)[3] is None
+
+
 def test_sequence_losses_are_per_sequence_token_means(reference_backend):
     hidden_s, hidden_t = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(3, 5, 16, dtype=torch.float64)
     head_s, head_t = torch.randn(11, 8, dtype=torch.float64), torch.randn(11, 16, dtype=torch.float64)

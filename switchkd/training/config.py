@@ -78,6 +78,9 @@ class SwitchKDConfig(TrainingArguments):
     fused_linear_loss: bool | None = field(default=None, metadata={
         "help": "KD loss from last hidden states and LM heads (fused_linear_kd_loss), without full [N, V] logits; "
                 "default: on CUDA when both LM heads are bias-free linear layers"})
+    reuse_teacher_states: bool = field(default=True, metadata={
+        "help": "generated responses: take the teacher's side of the loss from the hidden states decoding computed "
+                "(its LM head of them) instead of a second teacher forward; needs a bias-free linear teacher head"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the token lists (needed)"})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "every student weight is used"})
 

@@ -227,3 +227,17 @@ def pack_batch(prompts, responses, pad_token_id: int, device) -> dict:
     responses = [r or [pad_token_id] for r in responses]
     input_ids, attention_mask, labels = pad_sequences(prompts, responses, pad_token_id, device)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def teacher_hidden_at_labels(hidden: torch.Tensor, lengths: list[int], shifted_labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T - 1, H]`` teacher hidden states aligned with ``shifted_labels`` (position ``i`` predicts token
+    ``i + 1``): row ``b``'s ``lengths[b]`` generated states ``hidden [B, N, H]`` go to its response positions in
+    order, zeros elsewhere (those positions are out of the loss)."""
+    kept = shifted_labels != -100
+    lengths = torch.tensor(lengths, device=hidden.device)
+    generated = torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]
+    if not torch.equal(kept.sum(1).cpu(), generated.sum(1).cpu()):
+        raise ValueError("teacher_hidden: every response position needs one generated hidden state")
+    out = hidden.new_zeros(*shifted_labels.shape, hidden.shape[-1])
+    out[kept] = hidden[generated]
+    return out

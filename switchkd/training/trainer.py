@@ -15,7 +15,7 @@ from ..decoding.generator import SwitchGenerator
 from ..ops.spec import SwitchPolicy
 from .checkpoints import check_output_dir, clear_marker, latest_complete, mark_complete, remove_previous_checkpoints
 from .config import SwitchKDConfig
-from .data import DistillCollator, as_distill_dataset, pack_batch
+from .data import DistillCollator, as_distill_dataset, pack_batch, teacher_hidden_at_labels
 from .losses import plain_lm_head, sequence_cross_entropy, sequence_kd_loss, sequence_linear_kd_loss
 from .models import (
     apply_peft,
@@ -136,36 +136,46 @@ class SwitchKDTrainer(Trainer):
         keys = (index + self.state.global_step * span).tolist()  # unique per example and step, any world size
         out = self.generator.generate(prompts, policy=policy, max_new_tokens=self.args.max_new_tokens,
                                       temperature=self.args.gen_temperature, eos_token_id=self.eos_token_id,
-                                      seed=self.args.seed, draft_len=self.args.draft_len, row_keys=keys)
+                                      seed=self.args.seed, draft_len=self.args.draft_len, row_keys=keys,
+                                      return_teacher_hidden=self._reuse_teacher_states())
         self._metrics["teacher_share"].append(out.teacher_share)
         divergence = out.divergence[~out.divergence.isnan()]
         if divergence.numel():
             self._metrics["gen_divergence"].append(float(divergence.mean()))
-        return out.responses
+        return out.responses, out.teacher_hidden
+
+    def _reuse_teacher_states(self) -> bool:
+        """``reuse_teacher_states`` and a teacher whose logits are a bias-free linear map of its last hidden state."""
+        return self.args.reuse_teacher_states and plain_lm_head(self.teacher) is not None
 
     def _responses(self, model, inputs):
+        """(prompts, responses, from the dataset, the teacher's hidden states at the responses or None)."""
         prompts, index = inputs["prompt_ids"], inputs["index"].cpu()
         rng = self._step_rng(index)
         source = self._source(rng)
         self._metrics["from_dataset"].append(float(source == "dataset"))
         if source == "dataset":
-            return prompts, inputs["response_ids"], True
+            return prompts, inputs["response_ids"], True, None
         if source == "replay":
             picked = [self.replay[rng.randrange(len(self.replay))] for _ in prompts]
-            return [list(p) for p, _ in picked], [list(r) for _, r in picked], False
+            return [list(p) for p, _ in picked], [list(r) for _, r in picked], False, None
         policy = {"student": SwitchPolicy("never"), "teacher": SwitchPolicy("always")}.get(
             source, self.args.switch_policy())
-        responses = self._generate(model, prompts, index, policy)
+        responses, teacher_hidden = self._generate(model, prompts, index, policy)
         if self.args.source == "adaptive":
             self.replay = (self.replay + list(zip(prompts, responses, strict=True)))[-self.args.replay_size:]
-        return prompts, responses, False
+        return prompts, responses, False, teacher_hidden
 
     # ---------------------------------------------------------------------------------- sequences
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Produces this step's sequences (generated under ``no_grad``), then the Trainer's own step on them."""
+        """Produces this step's sequences (generated under ``no_grad``, with the teacher's hidden states when they
+        are reused), then the Trainer's own step on them."""
         with torch.no_grad():
-            prompts, responses, from_dataset = self._responses(model, inputs)
+            prompts, responses, from_dataset, teacher_hidden = self._responses(model, inputs)
         batch = pack_batch(prompts, responses, self.pad_token_id, self.args.device)
+        if teacher_hidden is not None:
+            batch["teacher_hidden"] = teacher_hidden_at_labels(teacher_hidden, [len(r) for r in responses],
+                                                               batch["labels"][:, 1:])
         return super().training_step(model, {**batch, "from_dataset": from_dataset}, num_items_in_batch)
 
     # --------------------------------------------------------------------------------------- loss
@@ -183,13 +193,18 @@ class SwitchKDTrainer(Trainer):
         loss_args = {"kind": self.args.loss_kind, "alpha": self.args.kd_alpha, "beta": self.args.kd_beta,
                      "temperature": self.args.kd_temperature}
         needs_logits = from_dataset and self.args.ce_weight > 0
+        teacher_hidden = inputs.get("teacher_hidden")  # [B, T - 1, H] at the label positions, from decoding
         if self._use_fused_linear(model) and not needs_logits:
-            outputs, loss = self._fused_linear_loss(model, model_inputs, shifted, loss_args)
+            outputs, loss = self._fused_linear_loss(model, model_inputs, shifted, loss_args, teacher_hidden)
         else:
             with torch.no_grad():
-                teacher_logits = self.teacher(**model_inputs).logits
+                if teacher_hidden is None:
+                    teacher_logits = self.teacher(**model_inputs).logits[:, :-1]
+                else:
+                    self._check_hidden_states(None, None, model_inputs)
+                    teacher_logits = self.teacher.get_output_embeddings()(teacher_hidden)
             outputs = model(**model_inputs)
-            student_logits, teacher_logits = (self._tokens_only(x[:, :-1]) for x in (outputs.logits, teacher_logits))
+            student_logits, teacher_logits = (self._tokens_only(x) for x in (outputs.logits[:, :-1], teacher_logits))
             loss = sequence_kd_loss(student_logits, teacher_logits, shifted, **loss_args)
         if model.training:
             self._metrics["kd_loss"].append(float(loss.detach()))
@@ -219,25 +234,37 @@ class SwitchKDTrainer(Trainer):
             self._fused_linear_ok = self.args.device.type == "cuda" and all(h is not None for h in heads)
         return self._fused_linear_ok
 
-    def _fused_linear_loss(self, model, model_inputs, shifted, loss_args):
-        """The same per-sequence KD loss from hidden states (the models compute one logit row each)."""
+    def _fused_linear_loss(self, model, model_inputs, shifted, loss_args, teacher_hidden=None):
+        """The same per-sequence KD loss from hidden states (the models compute one logit row each); the teacher's
+        come from decoding when ``teacher_hidden`` is given, else from a teacher forward."""
         kwargs = {**model_inputs, "output_hidden_states": True, "logits_to_keep": 1}
-        with torch.no_grad():
-            teacher_out = self.teacher(**kwargs)
         outputs = model(**kwargs)
-        student_head = base_model(self.accelerator.unwrap_model(model)).get_output_embeddings().weight
-        teacher_head = self.teacher.get_output_embeddings().weight
-        h_s, h_t = outputs.hidden_states[-1], teacher_out.hidden_states[-1]
-        if not self._checked_hidden:
-            for name, h, head, logits in (("student", h_s, student_head, outputs.logits),
-                                          ("teacher", h_t, teacher_head, teacher_out.logits)):
-                if not torch.allclose((h[:, -1] @ head.T).float(), logits[:, -1].float(), rtol=1e-3, atol=1e-3):
-                    raise ValueError(f"fused_linear_loss: the {name}'s last hidden state is not its LM head's "
-                                     "input (a final projection or bias?); set fused_linear_loss=False")
-            self._checked_hidden = True
-        student_head, teacher_head = (head[: self.vocab_size] for head in (student_head, teacher_head))
-        loss = sequence_linear_kd_loss(h_s[:, :-1], student_head, h_t[:, :-1], teacher_head, shifted, **loss_args)
+        self._check_hidden_states(outputs, base_model(self.accelerator.unwrap_model(model)), model_inputs)
+        if teacher_hidden is None:
+            with torch.no_grad():
+                teacher_hidden = self.teacher(**kwargs).hidden_states[-1][:, :-1]
+        student_head, teacher_head = (m.get_output_embeddings().weight[: self.vocab_size] for m in
+                                      (base_model(self.accelerator.unwrap_model(model)), self.teacher))
+        loss = sequence_linear_kd_loss(outputs.hidden_states[-1][:, :-1], student_head, teacher_hidden, teacher_head,
+                                       shifted, **loss_args)
         return outputs, loss
+
+    def _check_hidden_states(self, student_outputs, student, model_inputs):
+        """Once per run: the last hidden state of each model whose hidden states stand in for its logits (the student
+        with the fused loss, the teacher with the fused loss or reused decoding states) is its LM head's input."""
+        if self._checked_hidden:
+            return
+        with torch.no_grad():
+            teacher_out = self.teacher(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+        checks = [("teacher", teacher_out, self.teacher, "reuse_teacher_states=False and fused_linear_loss=False")]
+        if student_outputs is not None:
+            checks.append(("student", student_outputs, student, "fused_linear_loss=False"))
+        for name, out, m, switch in checks:
+            h, head = out.hidden_states[-1][:, -1], m.get_output_embeddings().weight
+            if not torch.allclose((h @ head.T).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3):
+                raise ValueError(f"the {name}'s last hidden state is not its LM head's input (a final projection, "
+                                 f"soft-capping or bias?): set {switch}")
+        self._checked_hidden = True
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for name, values in self._metrics.items():
