@@ -173,7 +173,7 @@ class SwitchKDTrainer(Trainer):
         with torch.no_grad():
             prompts, responses, from_dataset, teacher_hidden = self._responses(model, inputs)
         batch = pack_batch(prompts, responses, self.pad_token_id, self.args.device)
-        if teacher_hidden is not None:
+        if teacher_hidden is not None and all(responses):  # an empty response is packed as one pad: no state for it
             batch["teacher_hidden"] = teacher_hidden_at_labels(teacher_hidden, [len(r) for r in responses],
                                                                batch["labels"][:, 1:])
         return super().training_step(model, {**batch, "from_dataset": from_dataset}, num_items_in_batch)
