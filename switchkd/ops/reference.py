@@ -15,6 +15,7 @@ Conventions (natural log throughout, ``p_S = softmax(s / T)``, ``p_T = softmax(t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,12 +57,17 @@ def row_hash(seed: int, row_keys: torch.Tensor, positions: torch.Tensor, model: 
     return mix32(k ^ (model + 1))
 
 
+@functools.lru_cache(maxsize=8)
+def _column_keys(vocab: int, device: torch.device) -> torch.Tensor:
+    """``[1, V]`` per-column part of the noise hash, ``j * golden mod 2**32`` (the same for every row and step)."""
+    return mul32(torch.arange(vocab, device=device, dtype=torch.int64), _GOLDEN)[None, :]
+
+
 def uniform_noise(seed: int, row_keys: torch.Tensor, positions: torch.Tensor, model: int, vocab: int):
     """``[B, V]`` uniforms ``(2j + 1) / 2**24`` (23 random bits, exact in float32), a pure function of
     (seed, row key, position, model, vocabulary index)."""
     k = row_hash(seed, row_keys, positions, model)[:, None]
-    idx = torch.arange(vocab, device=row_keys.device, dtype=torch.int64)[None, :]
-    h = mix32(k ^ mul32(idx, _GOLDEN))
+    h = mix32(k ^ _column_keys(vocab, row_keys.device))
     return ((h >> 9) * 2 + 1).to(torch.float64) * 2.0**-24
 
 
