@@ -5,15 +5,17 @@
 # it ends. Every stage runs under its own `timeout`, clipped to what is left of BUDGET, so a failing or
 # slow stage never takes the others down; a summary lists each stage's status and time.
 #
-#   bash benchmarks/gpu_check.sh                                  # everything, about 9 minutes on one H100/H200
+#   bash benchmarks/gpu_check.sh                                  # tests + kernel sections, about 5 minutes
+#   SECTIONS=all bash benchmarks/gpu_check.sh                     # every section, about 9 minutes
 #   SECTIONS="decode train" TESTS=none bash benchmarks/gpu_check.sh
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh                        # print the stages and limits, run nothing
 #
 # Environment:
 #   PYTHON     interpreter (python3)
 #   SECTIONS   throughput sections, run in this order (switch_step and kd_loss share one run);
-#              default: linear_kd decode train switch_step kd_loss (never-measured ones first, the
-#              compile-heavy kernel group last); "none" skips them
+#              default: linear_kd switch_step kd_loss (the kernels, #9's five-minute command); "all":
+#              linear_kd decode train switch_step kd_loss (never-measured ones first, the compile-heavy
+#              kernel group last); "none" skips them
 #   TESTS      pytest paths of the GPU test subset (default: default_tests below); "none" skips the tests
 #   BUDGET     seconds for the whole script (540); each stage gets min(its limit, what is left)
 #   COMMIT     label of the code for the summary (the device copy's git HEAD can be stale)
@@ -25,7 +27,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-SECTIONS=${SECTIONS:-linear_kd decode train switch_step kd_loss}
+SECTIONS=${SECTIONS:-linear_kd switch_step kd_loss}
+[[ $SECTIONS == all ]] && SECTIONS="linear_kd decode train switch_step kd_loss"
 # The GPU test subset: the op tests (their tensors live on CUDA when there is one) and every test file with a
 # CUDA-only skip mark (today tests/test_decode_graph.py: captured graphs on CUDA, never run on CPU).
 default_tests() {
