@@ -60,6 +60,17 @@ def _log_mix(m):
 
 
 @triton.jit
+def _fast_rcp(x):
+    """``1 / x`` on the special-function unit (rcp.approx.ftz: within 1 ulp, as close as the division it replaces);
+    the interpreter divides."""
+    if INTERPRETED:
+        return 1.0 / x
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
 def _nan_unless(valid, x):
     """``x``, or NaN for a row with NaN/+inf or all -inf logits: its gradient is NaN, as autograd's would be
     (the floored log-probabilities would otherwise make it 0)."""
@@ -86,12 +97,12 @@ def _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND: tl.constexpr):
     elif KIND == SKL:  # mixture alpha p_T + (1 - alpha) p_S
         m = tl.maximum(alpha * pt + (1.0 - alpha) * ps, FLT_MIN)
         terms = _kl_terms(pt, log_pt, _log_mix(m))
-        g = -(1.0 - alpha) * pt / m
+        g = -(1.0 - alpha) * pt * _fast_rcp(m)
     elif KIND == SRKL:  # mixture alpha p_S + (1 - alpha) p_T
         m = tl.maximum(alpha * ps + (1.0 - alpha) * pt, FLT_MIN)
         log_m = _log_mix(m)
         terms = _kl_terms(ps, log_ps, log_m)
-        g = log_ps - log_m - alpha * ps / m
+        g = log_ps - log_m - alpha * ps * _fast_rcp(m)
     else:  # tvd
         terms = 0.5 * tl.abs(ps - pt)
         g = tl.where(ps > pt, 0.5, tl.where(ps < pt, -0.5, 0.0))

@@ -10,7 +10,7 @@ reciprocal per logit and model.
 import triton
 import triton.language as tl
 
-from .divergence import INTERPRETED
+from .divergence import _fast_rcp
 
 
 @triton.jit
@@ -41,13 +41,8 @@ def _exp_noise2(key, cols):
 
 @triton.jit
 def _race_score(e, noise):
-    """``e / noise``: a reciprocal on the special-function unit (rcp.approx.ftz, within 1 ulp, as close as the
-    division it replaces) and a multiply; the interpreter, which has no inline PTX, divides."""
-    if INTERPRETED:
-        return e / noise
-    else:
-        return e * tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [noise], dtype=tl.float32,
-                                             is_pure=True, pack=1)
+    """``e / noise``: a reciprocal on the special-function unit and a multiply (see ``_fast_rcp``)."""
+    return e * _fast_rcp(noise)
 
 
 @triton.jit

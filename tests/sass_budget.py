@@ -28,6 +28,8 @@ CASES = {
                                                         "_switch_step_kernel"),
     "kd_loss jsd, one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="jsd"), "_kd_loss_kernel"),
     "kd_loss fkl, one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="fkl"), "_kd_loss_kernel"),
+    "kd_loss srkl (the default kind), one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="srkl"),
+                                                             "_kd_loss_kernel"),
     "kd_loss split phase 1 (statistics)": (lambda: aot_compile.kd_loss_case("bf16", kind="jsd", splits=4),
                                            "_stats_kernel"),
 }

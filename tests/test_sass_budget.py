@@ -21,6 +21,7 @@ BUDGETS = {
     "switch_step phase 2 (jsd, fkl loss and gradient)": 34,
     "kd_loss jsd, one program per row": 81,
     "kd_loss fkl, one program per row": 46,
+    "kd_loss srkl (the default kind), one program per row": 79,
     "kd_loss split phase 1 (statistics)": 24,
 }
 
