@@ -115,9 +115,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _is_cuda(device) -> bool:
+    return getattr(device, "type", device) == "cuda"
+
+
 def multiprocessors(device) -> int:
     """The device's multiprocessors (4 stand-ins in the interpreter)."""
-    if getattr(device, "type", device) == "cuda":
+    if _is_cuda(device):
         return _sm_count(device.index if device.index is not None else 0)
     return 4
 
@@ -128,7 +132,7 @@ def split_plan(rows: int, vocab: int, device, splits: int | None = None) -> tupl
     (tests), which the 128-column alignment may then lower."""
     if splits is None:
         target = 2 * multiprocessors(device)
-        min_chunk = 1024 if getattr(device, "type", device) == "cuda" else 256
+        min_chunk = 1024 if _is_cuda(device) else 256
         wanted = triton.next_power_of_2(triton.cdiv(target, max(rows, 1)))
         splits = min(wanted, vocab // min_chunk)
     splits = max(1, min(splits, MAX_SPLITS))

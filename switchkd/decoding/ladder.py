@@ -50,14 +50,13 @@ class ModelPair:
 
 def forward(model, cache: PagedKVCache, ids: list[int], counts: list[int], input_ids: torch.Tensor,
             stats: DecodeStats, last_only: bool, hidden: bool = False):
-    """One forward of ``model`` over ``counts[b]`` new tokens of sequence ``ids[b]``; logits ``[B, q or 1, rows]``
-    (and, with ``hidden``, the last hidden states ``[B, q, H]``)."""
+    """One forward of ``model`` over ``counts[b]`` new tokens of sequence ``ids[b]``: its output, with logits
+    ``[B, q or 1, rows]`` (and, with ``hidden``, every layer's hidden states)."""
     start = time.perf_counter()
     batch = cache.prepare(ids, counts, input_ids.device)
     stats.bookkeeping_seconds += time.perf_counter() - start
-    out = model(input_ids=input_ids, position_ids=batch.positions, use_cache=False,
-                logits_to_keep=1 if last_only else 0, output_hidden_states=hidden, **{ATTENTION_NAME: batch})
-    return (out.logits, out.hidden_states[-1]) if hidden else out.logits
+    return model(input_ids=input_ids, position_ids=batch.positions, use_cache=False,
+                 logits_to_keep=1 if last_only else 0, output_hidden_states=hidden, **{ATTENTION_NAME: batch})
 
 
 def prefill(pair: ModelPair, ids: list[int], prompts: list[list[int]], stats: DecodeStats):
@@ -87,7 +86,7 @@ def draft(pair: ModelPair, state: DecodeState, rows: torch.Tensor, ids: list[int
         if j:
             feed = drafts[-1]
         out = forward(pair.student, pair.student_cache, ids, [1] * len(ids), feed[:, None], stats, last_only=True)
-        logits.append(pair.tokens_only(out[:, -1]))
+        logits.append(pair.tokens_only(out.logits[:, -1]))
         stats.student_forwards += 1
         drafts.append(sample(logits[-1], generated + j, temperature=request.temperature, seed=request.seed,
                              row_keys=keys))
@@ -103,8 +102,7 @@ def score(pair: ModelPair, state: DecodeState, rows: torch.Tensor, ids: list[int
     keep = state.teacher_hidden is not None
     out = forward(pair.teacher, pair.teacher_cache, ids, [inputs.shape[1]] * len(ids), inputs, stats,
                   last_only=False, hidden=keep)
-    logits, hidden = out if keep else (out, None)
-    return pair.tokens_only(logits), hidden
+    return pair.tokens_only(out.logits), out.hidden_states[-1] if keep else None
 
 
 def decide(student_logits: torch.Tensor, teacher_logits: torch.Tensor, drafts: torch.Tensor, state: DecodeState,

@@ -201,7 +201,7 @@ class SwitchKDTrainer(Trainer):
                 if teacher_hidden is None:
                     teacher_logits = self.teacher(**model_inputs).logits[:, :-1]
                 else:
-                    self._check_hidden_states(None, None, model_inputs)
+                    self._check_hidden_states(model_inputs)
                     teacher_logits = self.teacher.get_output_embeddings()(teacher_hidden)
             outputs = model(**model_inputs)
             student_logits, teacher_logits = (self._tokens_only(x) for x in (outputs.logits[:, :-1], teacher_logits))
@@ -238,26 +238,26 @@ class SwitchKDTrainer(Trainer):
         """The same per-sequence KD loss from hidden states (the models compute one logit row each); the teacher's
         come from decoding when ``teacher_hidden`` is given, else from a teacher forward."""
         kwargs = {**model_inputs, "output_hidden_states": True, "logits_to_keep": 1}
-        outputs = model(**kwargs)
-        self._check_hidden_states(outputs, base_model(self.accelerator.unwrap_model(model)), model_inputs)
+        outputs, student = model(**kwargs), base_model(self.accelerator.unwrap_model(model))
+        self._check_hidden_states(model_inputs, student, outputs)
         if teacher_hidden is None:
             with torch.no_grad():
                 teacher_hidden = self.teacher(**kwargs).hidden_states[-1][:, :-1]
         student_head, teacher_head = (m.get_output_embeddings().weight[: self.vocab_size] for m in
-                                      (base_model(self.accelerator.unwrap_model(model)), self.teacher))
+                                      (student, self.teacher))
         loss = sequence_linear_kd_loss(outputs.hidden_states[-1][:, :-1], student_head, teacher_hidden, teacher_head,
                                        shifted, **loss_args)
         return outputs, loss
 
-    def _check_hidden_states(self, student_outputs, student, model_inputs):
-        """Once per run: the last hidden state of each model whose hidden states stand in for its logits (the student
-        with the fused loss, the teacher with the fused loss or reused decoding states) is its LM head's input."""
+    def _check_hidden_states(self, model_inputs, student=None, student_outputs=None):
+        """Once per run: the last hidden state of each model whose hidden states stand in for its logits (the teacher
+        with the fused loss or reused decoding states; the ``student`` with the fused loss) is its LM head's input."""
         if self._checked_hidden:
             return
         with torch.no_grad():
             teacher_out = self.teacher(**model_inputs, output_hidden_states=True, logits_to_keep=1)
         checks = [("teacher", teacher_out, self.teacher, "reuse_teacher_states=False and fused_linear_loss=False")]
-        if student_outputs is not None:
+        if student is not None:
             checks.append(("student", student_outputs, student, "fused_linear_loss=False"))
         for name, out, m, switch in checks:
             h, head = out.hidden_states[-1][:, -1], m.get_output_embeddings().weight
