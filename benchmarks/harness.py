@@ -21,13 +21,17 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def measure(fn, device: str, grad_to_none=None, min_time_s: float = 0.5, max_reps: int = 50):
-    """(median, p20, p80) milliseconds of ``fn()`` and its peak extra memory (MiB) after a warm-up call."""
+def measure(fn, device: str, grad_to_none=None, min_time_s: float = 0.5, max_reps: int = 50, graph=False):
+    """(median, p20, p80) milliseconds of ``fn()`` and its peak extra memory (MiB) after a warm-up call.
+    ``graph`` (CUDA): time replays of a CUDA graph of ``fn`` (the GPU's time without the host's launch
+    overhead, as a decoder that captures its steps sees it)."""
     fn()  # warm-up (compilation, autotuning, allocator)
     peak = peak_extra_memory_mib(fn, device)
     if device == "cuda":
         import triton.testing
 
+        if graph:
+            return tuple(triton.testing.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])), peak
         return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)), peak
     times = []
     start = time.perf_counter()

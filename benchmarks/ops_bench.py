@@ -77,12 +77,15 @@ def run_section(section, sizes, dtype, device, compile_reference, copy_gbps):
             args = (s, t)
             grad_to_none, nbytes, mode = [s], 3 * n * vocab * elt, "fwd+bwd"
         calls = {name: (lambda f=f, args=args: f(*args)) for name, f in providers.items()}
+        runs = [(name, call, False) for name, call in sorted(calls.items(), key=lambda kv: kv[0] != "eager")]
+        if section == "switch_step" and device == "cuda":  # a decoder replays its steps as CUDA graphs
+            runs += [(f"{name}_graph", calls[name], True) for name in ("switchkd", "compiled") if name in calls]
         eager_ms = None
-        for name, call in sorted(calls.items(), key=lambda kv: kv[0] != "eager"):
+        for name, call, graph in runs:
             row = {"section": section, "op": section, "provider": name, "shape": f"{n}x{vocab}",
-                   "dtype": str(dtype).replace("torch.", ""), "mode": mode}
+                   "dtype": str(dtype).replace("torch.", ""), "mode": mode + (" graph" if graph else "")}
             try:
-                (ms, p20, p80), peak = measure(call, device, grad_to_none=grad_to_none)
+                (ms, p20, p80), peak = measure(call, device, grad_to_none=grad_to_none, graph=graph)
             except Exception as err:  # noqa: BLE001 - a failing provider (OOM, compile error) is a result row
                 rows.append({**row, "error": f"{type(err).__name__}: {str(err)[:200]}"})
                 print(f"{name} {row['shape']}: {rows[-1]['error']}", file=sys.stderr)

@@ -292,14 +292,18 @@ def test_the_checks_catch_a_host_sync_in_a_step(steps, monkeypatch):
     SwitchGenerator(teacher, student, block_size=4, cuda_graphs=True).generate(
         RAGGED[:2], policy=MIXED, max_new_tokens=6, draft_len=2, adaptive_draft=False)
     found = "\n".join(steps.problems())
-    for expected in ("_local_scalar_dense", "Tensor.tolist()", "boolean-mask indexing", "Python arguments",
-                     "Triton launches differ"):
-        assert expected in found
+    expected = ["_local_scalar_dense", "Tensor.tolist()", "boolean-mask indexing", "Python arguments"]
+    if triton_interpreted():  # CPU models run the Triton kernels only in the interpreter (else the reference)
+        expected.append("Triton launches differ")
+    for problem in expected:
+        assert problem in found
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_the_ops_inside_the_steps_do_not_sync(steps, backend):
     """fused_switch_step (check_finite=False), sample and the paged attention function with device tensors."""
+    if backend == "triton" and not triton_interpreted():
+        pytest.skip("CPU tensors run Triton only in the interpreter; CUDA: test_warm_up_and_capture_on_cuda...")
     rows, vocab = 6, 300
     s, t = torch.randn(rows, vocab), torch.randn(rows, vocab)
     positions, keys = torch.arange(rows) * 3, torch.arange(rows) + 10

@@ -127,6 +127,7 @@ def test_uncapturable_model_falls_back_to_eager_steps_with_a_warning():
         with pytest.warns(UserWarning, match="CUDA-graph capture failed"):
             out = gen.generate(RAGGED, policy=MIXED, max_new_tokens=6)
         assert torch.cuda.current_stream() == torch.cuda.default_stream(), "the failed capture left its stream current"
+        torch.randint(0, 9, (4,), device="cuda")  # raises while the generator is still in capture mode
         again = gen.generate(RAGGED, policy=MIXED, max_new_tokens=6)  # the eager path, without a second warning
     finally:
         del student.forward

@@ -224,10 +224,24 @@ class StaticDecoder:
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 step()
         except Exception as err:  # a model or op that cannot be captured: keep stepping eagerly
-            # A failing capture_end skips restoring the stream: later work would run on the capture stream.
+            # A failing capture_end skips restoring the stream (later work would run on the capture stream) and
+            # leaves the CUDA generators in capture mode (every later random op would raise).
             torch.cuda.set_stream(stream)
+            _leave_rng_capture_mode(self.device)
             warnings.warn(f"switchkd: CUDA-graph capture failed ({type(err).__name__}: {err}); "
                           "decoding continues with eager steps", stacklevel=2)
             self.capture, self.failed = False, True
             return
         graphs[key] = graph
+
+
+def _leave_rng_capture_mode(device: torch.device) -> None:
+    """Take the CUDA generators out of the capture mode a failed capture left them in: a trivial capture runs
+    the capture_begin / capture_end pair that the failed one did not finish (same generator state, so graphs
+    captured earlier stay in step with eager random ops)."""
+    with torch.cuda.device(device):
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            torch.zeros(1, device=device).add_(1)
+        del graph
+
