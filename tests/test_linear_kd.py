@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from switchkd import fused_linear_kd_loss, kd_loss, reference
-from switchkd.ops.linear_kd import CPU_CHUNK_BYTES, LIVE_BUFFERS, default_chunk_rows
+from switchkd.ops.linear_kd import CPU_CHUNK_BYTES, LIVE_BUFFERS, MAX_CHUNK_BYTES, default_chunk_rows
+from switchkd.ops.stored_grad import scaled_copy
 
 from conftest import DEVICE, assert_error_ratio
 
@@ -86,9 +87,11 @@ def test_matches_float64_kd_loss_on_full_logits(kind, params, reduction, bias, b
         torch.testing.assert_close(g.double(), w, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
 
 
+# 41 rows in 3 and 4 chunks (bf16 weight-gradient accumulator) and in 6 (float32 accumulator).
+@pytest.mark.parametrize("chunk_rows", [16, 11, 8], ids=["3_chunks", "4_chunks", "6_chunks"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("kind, params", [("fkl", {}), ("jsd", {"beta": 0.5}), ("srkl", {"alpha": 0.1})], ids=str)
-def test_bf16_error_within_twice_plain_torch(kind, params, reduction):
+def test_bf16_error_within_twice_plain_torch(kind, params, reduction, chunk_rows):
     """bf16 matmuls + fused loss vs plain PyTorch at bf16 (matmuls and loss), both against float64."""
     student, teacher, labels = inputs(rows=41, vocab=1271, h_s=64, h_t=96, dtype=torch.float64)
     upstream = upstream_for(reduction, labels.shape[0])
@@ -96,11 +99,56 @@ def test_bf16_error_within_twice_plain_torch(kind, params, reduction):
     ref = run(lambda *a: plain_loss(*a, dict(loss_args)), student, teacher, labels, reduction, upstream)
     plain = run(lambda *a: plain_loss(*a, dict(loss_args)), student, teacher, labels, reduction, upstream,
                 torch.bfloat16)
-    got = run(fused("triton", chunk_rows=16, **loss_args), student, teacher, labels, reduction, upstream,
+    got = run(fused("triton", chunk_rows=chunk_rows, **loss_args), student, teacher, labels, reduction, upstream,
               torch.bfloat16)
     for name, g, r, p in zip(["loss", "hidden", "weight", "bias"], got, ref, plain, strict=True):
         assert g.dtype == (torch.float32 if name == "loss" else torch.bfloat16), name
         assert_error_ratio(name, g, r, p, BF16_ATOL[name])
+
+
+@pytest.mark.parametrize("dtype, chunk_rows, acc, folded", [
+    (torch.bfloat16, 11, torch.bfloat16, True), (torch.bfloat16, 41, torch.bfloat16, True),
+    (torch.bfloat16, 10, torch.float32, True), (torch.float16, 11, torch.float32, False),
+    (torch.float32, 11, torch.float32, True)], ids=str)
+def test_weight_gradient_accumulator_dtype_and_folded_mean_weight(monkeypatch, dtype, chunk_rows, acc, folded):
+    """bf16 with at most 4 row chunks accumulates dW in bf16, more chunks (and fp16) in float32; the mean's
+    1 / kept rows reaches the kernel as its gradient weight except for fp16 (scaled in backward instead)."""
+    from switchkd.ops import linear_kd
+
+    accs, weights = [], []
+
+    def mm_spy(acc, a, b, first):
+        accs.append(acc.dtype)
+        return real_mm(acc, a, b, first)
+
+    def kernel_spy(*args, weight=None, **kwargs):
+        weights.append(None if weight is None else weight.item())
+        return real_kernel(*args, weight=weight, **kwargs)
+
+    real_mm, real_kernel = linear_kd._mm_into, linear_kd.kd_loss_triton
+    monkeypatch.setattr(linear_kd, "_mm_into", mm_spy)
+    monkeypatch.setattr(linear_kd, "kd_loss_triton", kernel_spy)
+    (hs, ws, _), (ht, wt, _), labels = inputs(rows=41, vocab=67, h_s=8, h_t=6, bias=False, dtype=dtype)
+    ws.requires_grad_()
+    fused_linear_kd_loss(hs, ws, ht, wt, labels, kind="jsd", chunk_rows=chunk_rows, backend="triton").backward()
+    n_chunks = -(-41 // chunk_rows)
+    assert accs == [acc] * n_chunks and ws.grad.dtype == dtype
+    kept = (labels != -100).sum().item()
+    assert weights == ([pytest.approx(1 / kept)] if folded else [None]) * n_chunks
+
+
+def test_scaled_copy_rounds_once_and_leaves_its_input(backend):
+    grad = torch.randn(37, 129, device=DEVICE).to(torch.bfloat16)
+    before = grad.clone()
+    factor = torch.tensor(1.7 / 3, device=DEVICE)  # not a bf16 number: must stay float32
+    for src, dtype in [(grad, torch.bfloat16), (grad.float(), torch.bfloat16), (grad.float(), torch.float32)]:
+        got = scaled_copy(src, factor, dtype, backend)
+        assert got.dtype == dtype and got.data_ptr() != src.data_ptr()
+        exact = src.float() * factor
+        # One rounding of the float32 product: to nearest even (GPU, torch), or toward zero (Triton's interpreter).
+        toward_zero = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32) if dtype == torch.bfloat16 else exact
+        assert ((got == exact.to(dtype)) | (got == toward_zero.to(dtype))).all()
+    assert torch.equal(grad, before) and scaled_copy(grad[:0], factor, torch.bfloat16, backend).shape == (0, 129)
 
 
 def test_each_chunk_gradient_overwrites_its_student_logits(monkeypatch):
@@ -169,6 +217,8 @@ def test_default_chunk_rows_fits_the_budget_in_equal_chunks():
         assert 1 <= rows <= max(fit, 1)
         assert -(-max(n_rows, 1) // rows) == -(-max(n_rows, 1) // fit)  # no more chunks than needed
     assert default_chunk_rows(37, 211, torch.float32, torch.device("cpu")) == 37
+    # The CUDA budget at the issue's size (8192 rows, V=128256, bf16): 4 chunks of 2048 rows.
+    assert MAX_CHUNK_BYTES // (LIVE_BUFFERS * 128256 * 2) // 2048 == 1 and -(-8192 // 2048) == 4
 
 
 def test_leading_dims_none_shape_and_errors():

@@ -18,12 +18,14 @@ from .spec import (
     check_temperature,
     resolve_backend,
 )
+from .stored_grad import scaled_copy
 
 # Live [chunk_rows, V] buffers per chunk: the student logits (the kernels write their gradient over them) and
 # the teacher logits.
 LIVE_BUFFERS = 2
 CPU_CHUNK_BYTES = 2**27  # CPU: 128 MiB of live chunk buffers
-MAX_CHUNK_BYTES = 3 * 2**28  # CUDA: at most 768 MiB of live chunk buffers, and at most a quarter of the free memory
+MAX_CHUNK_BYTES = 5 * 2**28  # CUDA: at most 1.25 GiB of live chunk buffers, and at most a quarter of the free memory
+MAX_NARROW_ACC_CHUNKS = 4  # bf16 weight-gradient accumulator up to this many row chunks (see grad_acc_dtype)
 ROW_ALIGN = 128  # chunk rows rounded to the tensor-core tile height when larger
 
 
@@ -42,6 +44,22 @@ def default_chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, device: torc
     fit = max(1, budget // (LIVE_BUFFERS * vocab * dtype.itemsize))
     rows = math.ceil(n_rows / math.ceil(max(n_rows, 1) / fit))  # equal chunks, none larger than `fit`
     return min(fit, math.ceil(rows / ROW_ALIGN) * ROW_ALIGN) if rows > ROW_ALIGN else max(rows, 1)
+
+
+def grad_acc_dtype(dtype: torch.dtype, n_chunks: int) -> torch.dtype:
+    """Dtype of the weight-gradient accumulator: bf16 itself for at most ``MAX_NARROW_ACC_CHUNKS`` chunks (each
+    chunk's GEMM accumulates in float32 and rounds once into it: <= 4 roundings, about 2x one rounding's error, at
+    half the memory traffic), else float32 (float64 for float64). fp16 stays float32: its range could
+    under/overflow the running sum."""
+    if dtype == torch.bfloat16 and n_chunks <= MAX_NARROW_ACC_CHUNKS:
+        return dtype
+    return torch.promote_types(dtype, torch.float32)
+
+
+def fold_weight(dtype: torch.dtype) -> bool:
+    """Whether the reduction's weight (1 / kept rows) is folded into the chunk's logit gradient in forward: not
+    for fp16, whose stored gradient would underflow before a loss scaler's upstream factor reaches it."""
+    return dtype != torch.float16
 
 
 @functools.cache
@@ -77,46 +95,53 @@ def _logits(hidden, weight, bias):
     return torch.mm(hidden, weight.T) if bias is None else torch.addmm(bias, hidden, weight.T)
 
 
-def _rows_and_logit_grad(s_logits, t_logits, labels, backend, need_grad, loss_args):
-    """Per-row loss of one chunk and, if ``need_grad``, d(row loss)/d(student logits), on the chosen backend."""
+def _rows_and_logit_grad(s_logits, t_logits, labels, backend, need_grad, weight, loss_args):
+    """Per-row loss of one chunk and, if ``need_grad``, d(row loss)/d(student logits) times ``weight`` (None, a
+    device scalar, or the chunk's ``[rows]``; the Triton kernel takes a scalar, rows are scaled after it)."""
     if backend == "triton":  # the gradient overwrites the chunk's student logits: no third [rows, V] buffer
-        return kd_loss_triton(s_logits, t_logits, labels, need_grad=need_grad, grad_out=s_logits, **loss_args)
+        scalar = weight is not None and weight.dim() == 0
+        rows, grad = kd_loss_triton(s_logits, t_logits, labels, need_grad=need_grad, grad_out=s_logits,
+                                    weight=weight.float() if scalar else None, **loss_args)
+        if grad is not None and weight is not None and not scalar:
+            grad.mul_(weight[:, None])  # computed in float32, rounded once more
+        return rows, grad
     if not need_grad:
         return reference.kd_loss(s_logits, t_logits, labels, reduction="none", **loss_args), None
     with torch.enable_grad():
         s = s_logits.detach().requires_grad_()
         rows = reference.kd_loss(s, t_logits, labels, reduction="none", **loss_args)
-        (grad,) = torch.autograd.grad(rows.sum(), s)
+        (grad,) = torch.autograd.grad(rows.sum() if weight is None else (rows * weight).sum(), s)
     return rows.detach(), grad
 
 
 def _chunked(student, teacher, labels, needs, row_scale, opts):
     """One pass over the row chunks: per-row losses and the gradients in ``needs`` (hidden, weight, bias).
 
-    ``student``/``teacher``: ``(hidden [N, H], weight [V, H], bias [V] or None)``. With ``row_scale [N]``
-    each row's logit gradient is scaled by it first. The weight and bias gradients accumulate in float32
-    (float64 for float64 inputs); the hidden gradient is written chunk by chunk in the hidden dtype.
+    ``student``/``teacher``: ``(hidden [N, H], weight [V, H], bias [V] or None)``. ``row_scale`` (None, a device
+    scalar or ``[N]``) weights each row's logit gradient. The weight gradient accumulates in
+    :func:`grad_acc_dtype`, the bias gradient in float32 (float64 for float64 inputs); the hidden gradient is
+    written chunk by chunk in the hidden dtype.
     """
     (s_hidden, s_weight, s_bias), (t_hidden, t_weight, t_bias) = student, teacher
     n_rows, (vocab, width) = s_hidden.shape[0], s_weight.shape
+    chunk_rows = opts["chunk_rows"] or default_chunk_rows(n_rows, vocab, s_hidden.dtype, s_hidden.device)
     acc = torch.promote_types(s_weight.dtype, torch.float32)
     rows = torch.zeros(n_rows, device=s_hidden.device, dtype=torch.promote_types(s_hidden.dtype, torch.float32))
     new = torch.empty if n_rows else torch.zeros  # every chunk writes its rows; the first one sets the weight's
     grad_hidden = new(s_hidden.shape, device=s_hidden.device, dtype=s_hidden.dtype) if needs[0] else None
-    grad_weight = new(vocab, width, device=s_weight.device, dtype=acc) if needs[1] else None
+    grad_weight = new(vocab, width, device=s_weight.device,
+                      dtype=grad_acc_dtype(s_weight.dtype, math.ceil(n_rows / chunk_rows))) if needs[1] else None
     grad_bias = torch.zeros(vocab, device=s_weight.device, dtype=acc) if needs[2] else None
-    chunk_rows = opts["chunk_rows"] or default_chunk_rows(n_rows, vocab, s_hidden.dtype, s_hidden.device)
     for start in range(0, n_rows, chunk_rows):
         chunk, first = slice(start, min(start + chunk_rows, n_rows)), start == 0
         s_logits = _logits(s_hidden[chunk], s_weight, s_bias)
         t_logits = _logits(t_hidden[chunk], t_weight, t_bias)
+        weight = row_scale if row_scale is None or row_scale.dim() == 0 else row_scale[chunk]
         rows[chunk], grad = _rows_and_logit_grad(s_logits, t_logits, None if labels is None else labels[chunk],
-                                                 opts["backend"], any(needs), opts["loss_args"])
+                                                 opts["backend"], any(needs), weight, opts["loss_args"])
         del s_logits, t_logits
         if grad is None:
             continue
-        if row_scale is not None:
-            grad.mul_(row_scale[chunk, None])  # computed in float32, rounded once
         if grad_hidden is not None:
             torch.mm(grad, s_weight, out=grad_hidden[chunk])
         if grad_weight is not None:
@@ -126,20 +151,15 @@ def _chunked(student, teacher, labels, needs, row_scale, opts):
     return rows, grad_hidden, grad_weight, grad_bias
 
 
-def _scaled(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``grad * scale`` computed in float32 (float64 for float64) and rounded once to ``dtype``."""
-    wide = torch.promote_types(grad.dtype, torch.float32)
-    return torch.mul(grad.to(wide), scale.to(wide), out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
-
-
 class FusedLinearKDFunction(torch.autograd.Function):
     """KD loss of ``p_S = softmax((h_S W_S^T + b_S) / T)`` against ``p_T = softmax((h_T W_T^T + b_T) / T)``.
 
     Per chunk of rows: both logits from bf16/fp16 matmuls, the fused kernel's row loss ``L_n`` and
-    ``G = dL_n/ds``, then ``dL/dh_S = G W_S``, ``dL/dW_S += G^T h_S`` and ``dL/db_S += sum_n G`` (float32
-    accumulators). ``mean``/``sum``: the gradients are computed in forward and scaled in backward (so
-    ``retain_graph`` works); ``none``: forward computes the losses only and backward recomputes the chunks with
-    ``G`` scaled by each row's upstream gradient (the weight gradient depends on it).
+    ``G = dL_n/ds``, then ``dL/dh_S = G W_S``, ``dL/dW_S += G^T h_S`` (accumulated in :func:`grad_acc_dtype`)
+    and ``dL/db_S += sum_n G`` (float32). ``mean``/``sum``: the gradients, with the reduction's weight folded into
+    ``G`` (:func:`fold_weight`), are computed in forward; backward writes new copies scaled by the upstream
+    gradient (so ``retain_graph`` works). ``none``: forward computes the losses only and backward recomputes the
+    chunks with ``G`` scaled by each row's upstream gradient (the weight gradient depends on it).
     """
 
     @staticmethod
@@ -150,12 +170,15 @@ class FusedLinearKDFunction(torch.autograd.Function):
             ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels)
             return _chunked(student, teacher, labels, (False,) * 3, None, opts)[0]
         needs = tuple(opts["grad_enabled"] and need for need in ctx.needs_input_grad[:3])  # none under no_grad
-        weights = opts["row_weights"]
-        rows, *ctx.grads = _chunked(student, teacher, labels, needs, weights, opts)
+        weights, wide = opts["row_weights"], torch.promote_types(s_hidden.dtype, torch.float32)
+        scale = row_weight(s_hidden.shape[0], labels, opts["ignore_index"], opts["reduction"], s_hidden.device, wide)
+        fold = fold_weight(s_hidden.dtype)
+        ctx.scale = None if fold else scale  # what backward still multiplies by
+        row_scale = (scale if fold else None) if weights is None else (weights * scale if fold else weights)
+        rows, *ctx.grads = _chunked(student, teacher, labels, needs, row_scale, opts)
         if weights is not None:
             rows = rows * weights
-        ctx.scale = row_weight(rows.shape[0], labels, opts["ignore_index"], opts["reduction"], rows.device, rows.dtype)
-        return rows.sum() * ctx.scale
+        return rows.sum() * scale
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -166,8 +189,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
                                  grad_output.contiguous(), ctx.opts)
             grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
         else:
-            scale = grad_output * ctx.scale
-            grads = [None if g is None else _scaled(g, scale, dtype) for g, dtype in
+            factor = grad_output if ctx.scale is None else grad_output * ctx.scale
+            grads = [None if g is None else scaled_copy(g, factor, dtype, ctx.opts["backend"]) for g, dtype in
                      zip(ctx.grads, ctx.dtypes, strict=True)]
         return grads[0], grads[1], grads[2], None, None, None, None, None
 
@@ -211,7 +234,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
                          student_bias=None, teacher_bias=None, row_weights=None, chunk_rows=None, backend="auto"):
     """:func:`switchkd.kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against the teacher's,
     without materialising either model's ``[N, V]`` logits: rows are processed a chunk at a time, the matmuls in
-    the inputs' dtype (bf16/fp16 tensor cores) with float32 accumulation of the LM-head gradients.
+    the inputs' dtype (bf16/fp16 tensor cores) with float32 accumulation (the bf16 weight gradient of at most
+    ``MAX_NARROW_ACC_CHUNKS`` chunks accumulates in bf16, each chunk's GEMM rounding once: :func:`grad_acc_dtype`).
 
     Args:
         student_hidden ``[..., H_S]``, student_weight ``[V, H_S]``, student_bias ``[V]`` or None: the student's
