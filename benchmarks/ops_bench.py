@@ -100,7 +100,20 @@ def run_section(section, sizes, dtype, device, compile_reference, copy_gbps):
     return rows
 
 
+def print_autotune_timings(kernel):
+    """Each config the autotuner timed for ``kernel`` (its last tuning key), fastest first: which grid won and by
+    how much."""
+    timings = getattr(kernel, "configs_timings", None) or {}
+    for config, ms in sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], list) else kv[1]):
+        print(f"autotune {kernel.fn.__name__}: {config} -> {ms} ms")
+
+
 def run(section, ctx):
     """Rows of one section (``switch_step`` or ``kd_loss``) at the GPU or CPU sizes."""
     sizes = (GPU_SIZES if ctx.full else CPU_SIZES)[section]
-    return run_section(section, sizes, ctx.dtype, ctx.device, not ctx.no_compile, ctx.copy_gbps)
+    rows = run_section(section, sizes, ctx.dtype, ctx.device, not ctx.no_compile, ctx.copy_gbps)
+    if section == "kd_loss" and ctx.device == "cuda":
+        from switchkd.kernels.kd_loss import _kd_loss_kernel
+
+        print_autotune_timings(_kd_loss_kernel)
+    return rows

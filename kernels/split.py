@@ -48,16 +48,19 @@ def gpu_tile_configs():
 
 
 def row_kernel_configs():
-    """Configs of a kernel with one row per program and a grid that may be *persistent* (``ROWS_PER_SM`` rows in
-    flight per multiprocessor, each program looping over rows; 0 = one program per row). Few rows in flight keep
-    each row's later sweeps in L2 (a bf16 row pair of V = 128256 is 0.5 MB; L2 is 50 MB)."""
-    one_per_row = [triton.Config({**c.kwargs, "ROWS_PER_SM": 0}, num_warps=c.num_warps, num_stages=c.num_stages,
-                                 maxnreg=c.maxnreg) for c in gpu_tile_configs()]
-    return one_per_row + [
-        triton.Config({"BLOCK": 2048, "ROWS_PER_SM": 1}, num_warps=8, num_stages=2, maxnreg=255),
-        triton.Config({"BLOCK": 4096, "ROWS_PER_SM": 1}, num_warps=8, num_stages=2, maxnreg=255),
-        triton.Config({"BLOCK": 2048, "ROWS_PER_SM": 2}, num_warps=8, num_stages=2, maxnreg=255),
-    ]
+    """Configs of a kernel with one row per program and a grid that may be *persistent* (``ROWS_PER_SM`` programs
+    per multiprocessor, each looping over rows; 0 = one program per row), with ``PARTS`` adjacent programs sharing
+    each row (a column part each). Few rows in flight keep each row's later sweeps in L2: a bf16 row pair of
+    V = 128256 is 0.5 MB, L2 50 MB; one program per SM and two parts per row hold 66 rows, 33 MB, on an H100."""
+    one_per_row = [triton.Config({**c.kwargs, "ROWS_PER_SM": 0, "PARTS": 1}, num_warps=c.num_warps,
+                                 num_stages=c.num_stages, maxnreg=c.maxnreg) for c in gpu_tile_configs()]
+    persistent = [(2048, 1, 1, 8), (4096, 1, 1, 8), (2048, 2, 1, 8), (2048, 1, 2, 8), (2048, 1, 4, 8), (1024, 2, 4, 4)]
+    return one_per_row + [triton.Config({"BLOCK": block, "ROWS_PER_SM": rows_per_sm, "PARTS": parts},
+                                        num_warps=warps, num_stages=2, maxnreg=255)
+                          for block, rows_per_sm, parts, warps in persistent]
+
+
+MAX_ROWS_PER_SM = 2  # the most programs per multiprocessor a row_kernel_configs config asks for
 
 
 def tile_configs(gpu_configs=gpu_tile_configs):

@@ -28,7 +28,7 @@ VOCAB = 50257
 SPLITS = 4
 # module → kernels its launchers may start
 KERNELS = {"split": ("_stats_kernel", "_grad_kernel"),
-           "kd_loss": ("_kd_loss_kernel", "_kd_loss_split_kernel", "_scale_grad_kernel"),
+           "kd_loss": ("_kd_loss_kernel", "_kd_loss_split_kernel", "_scale_grad_kernel", "_scaled_copy_kernel"),
            "switch_step": ("_switch_step_kernel", "_switch_step_finish_kernel"), "sampling": ("_sample_kernel",)}
 kd_loss_op = importlib.import_module("switchkd.ops.kd_loss")
 switch_step_op = importlib.import_module("switchkd.ops.switch_step")
@@ -100,7 +100,12 @@ def sample_case(dtype, greedy=False, scalar_args=False):
 
 def scale_case(dtype):
     grad = torch.zeros(2, VOCAB, dtype=DTYPES[dtype])
-    return _record(lambda: stored_grad.launch_scale(grad, torch.ones(2)))
+
+    def launch():
+        stored_grad.launch_scale(grad, torch.ones(2))
+        stored_grad.scaled_copy(grad, torch.ones(()), grad.dtype, backend="triton")
+
+    return _record(launch)
 
 
 def cases():

@@ -9,7 +9,8 @@ from switchkd import kd_loss, reference
 from switchkd.kernels import kd_loss as kd_kernels
 from switchkd.kernels import split as split_kernels
 from switchkd.kernels import switch_step as step_kernels
-from switchkd.ops.kd_loss import kd_loss_triton
+from switchkd.ops import kd_loss as kd_loss_op
+from switchkd.ops.kd_loss import group_buffers, kd_loss_triton
 from switchkd.ops.stored_grad import attach_grad
 
 from conftest import DEVICE, assert_error_ratio, random_logits
@@ -36,12 +37,14 @@ GPU_TILES = {c.kwargs["BLOCK"]: c for c in split_kernels.gpu_tile_configs()}
 
 
 @contextlib.contextmanager
-def only_config(config, rows_per_sm=0):
-    """Every autotuned kernel runs ``config`` within the block (the per-row kd_loss kernel with ``rows_per_sm``)."""
+def only_config(config):
+    """Every autotuned kernel runs ``config``'s tile within the block (the per-row kd_loss kernel all of ``config``:
+    one program per row unless it says otherwise)."""
     saved = [(k, k.configs, dict(k.cache)) for k in AUTOTUNED]
+    tile = {"BLOCK": config.kwargs["BLOCK"]}
     for kernel in AUTOTUNED:
         row_kernel = kernel is kd_kernels._kd_loss_kernel
-        kwargs = {**config.kwargs, "ROWS_PER_SM": rows_per_sm} if row_kernel else config.kwargs
+        kwargs = {"ROWS_PER_SM": 0, "PARTS": 1, **config.kwargs} if row_kernel else tile
         kernel.configs = [triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)]
         kernel.cache.clear()
     try:
@@ -124,13 +127,35 @@ def test_persistent_row_kernel_matches_reference(config, rows, vocab):
                                    ignore_index=-100, need_grad=True, splits=1)
         return attach_grad(x, out, grad)
 
-    with only_config(config, rows_per_sm=config.kwargs["ROWS_PER_SM"]):
+    with only_config(config):
         (out, grad), (ref, ref_grad), (plain, plain_grad) = run_rows(s, t, "srkl", {"alpha": 0.2}, 1.3, kernel)
     keep = labels != -100
     assert (out[~keep] == 0).all() and (grad[~keep] == 0).all()
     assert_error_ratio("loss", out[keep], ref[keep], plain[keep], LOSS_ATOL[s.dtype])
     rounding = (ref_grad.to(s.dtype).double() - ref_grad).abs().max().item()
     assert_error_ratio("grad", grad[keep], ref_grad[keep], plain_grad[keep], GRAD_ATOL[s.dtype] + rounding)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the autotuner times configs on a GPU")
+def test_autotuned_program_groups_leave_their_barriers_at_zero(monkeypatch):
+    """The autotuner runs each program-group config many times on the same barrier counters, then the chosen one:
+    each launch must leave them at zero, or the next one's barriers would not wait and its losses be wrong."""
+    groups = [c for c in PERSISTENT if c.kwargs["PARTS"] > 1]
+    made = []
+    monkeypatch.setattr(kd_loss_op, "group_buffers", lambda *a: made.append(group_buffers(*a)) or made[-1])
+    kernel = kd_kernels._kd_loss_kernel
+    saved = kernel.configs, dict(kernel.cache)
+    kernel.configs = groups
+    kernel.cache.clear()
+    try:
+        for kind, params in [KINDS[2], KINDS[5]]:
+            s, t = random_logits(300, 20011, torch.bfloat16), random_logits(300, 20011, torch.bfloat16)
+            check_rows(s, t, kind, params)
+    finally:
+        kernel.configs = saved[0]
+        kernel.cache.clear()
+        kernel.cache.update(saved[1])
+    assert made and all(int(sync.abs().sum()) == 0 for sync, _ in made)
 
 
 @pytest.mark.parametrize("splits", [1, 3])

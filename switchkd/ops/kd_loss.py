@@ -35,7 +35,7 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
     written). ``splits`` overrides the split count (tests).
     """
     from ..kernels.kd_loss import _kd_loss_kernel, _kd_loss_split_kernel
-    from ..kernels.split import NO_SAMPLE, _grad_kernel, _stats_kernel, multiprocessors, split_plan
+    from ..kernels.split import MAX_ROWS_PER_SM, NO_SAMPLE, _grad_kernel, _stats_kernel, multiprocessors, split_plan
 
     (n_rows, vocab), device = student_logits.shape, student_logits.device
     loss = torch.empty(n_rows, device=device, dtype=torch.float32)
@@ -47,6 +47,7 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
     if n_rows == 0:
         return loss, grad
     n_splits, chunk = split_plan(n_rows, vocab, device, splits)
+    f32 = {"device": device, "dtype": torch.float32}
     args = {"s_ptr": student_logits, "t_ptr": teacher_logits, "labels_ptr": loss if labels is None else labels,
             "weight_ptr": loss if weight is None else weight, "grad_ptr": grad if need_grad else loss,
             "s_stride": student_logits.stride(0), "t_stride": teacher_logits.stride(0),
@@ -55,14 +56,17 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
             "alpha": float(alpha), "beta": float(beta), "ignore_index": ignore_index, "KIND": LOSS_CODES[kind],
             "HAS_LABELS": labels is not None, "HAS_WEIGHT": weight is not None}
     if n_splits == 1:
-        in_flight = multiprocessors(device)
+        sms = multiprocessors(device)
 
-        def grid(meta):  # one program per row, or ROWS_PER_SM per multiprocessor looping over the rows
-            return (n_rows if meta["ROWS_PER_SM"] == 0 else min(n_rows, meta["ROWS_PER_SM"] * in_flight),)
+        def grid(meta):  # one program per row, or groups of PARTS programs, ROWS_PER_SM per multiprocessor
+            if meta["ROWS_PER_SM"] == 0:
+                return (n_rows,)
+            return (max(1, min(n_rows, meta["ROWS_PER_SM"] * sms // meta["PARTS"])) * meta["PARTS"],)
 
-        _kd_loss_kernel[grid](loss_ptr=loss, n_rows=n_rows, HAS_GRAD=need_grad, **args)
+        sync, xchg = group_buffers(MAX_ROWS_PER_SM * sms, device)
+        _kd_loss_kernel[grid](loss_ptr=loss, sync_ptr=sync, xchg_ptr=xchg, n_rows=n_rows, HAS_GRAD=need_grad, **args)
         return loss, grad
-    grid, f32 = (n_rows, n_splits), {"device": device, "dtype": torch.float32}
+    grid = (n_rows, n_splits)
     stats, sums = torch.empty(n_rows, n_splits, 4, **f32), torch.empty(n_rows, n_splits, 4, **f32)
     _stats_kernel[grid](s_ptr=student_logits, t_ptr=teacher_logits, positions_ptr=loss, row_keys_ptr=loss,
                         stats_ptr=stats, cand_ptr=stats, cand_col_ptr=stats, s_stride=args["s_stride"],
@@ -75,6 +79,13 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
         _grad_kernel[grid](**split_args)
     torch.sum(sums[:, :, 0], dim=1, out=loss)
     return loss, grad
+
+
+def group_buffers(programs: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Barrier counters (zero; each launch leaves them zero) and exchange slots for up to ``programs`` programs
+    of the per-row kernel's program groups."""
+    return (torch.zeros(programs, device=device, dtype=torch.int32),
+            torch.empty(programs, 8, device=device, dtype=torch.float32))
 
 
 def row_weight(n_rows: int, labels, ignore_index: int, reduction: str, device,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from .spec import resolve_backend
 
@@ -29,15 +28,6 @@ def launch_scale(grad: torch.Tensor, upstream: torch.Tensor):
                                          up_stride=upstream.stride(0), V=grad.shape[1], BLOCK=2048, num_warps=8)
 
 
-@triton.jit
-def _scaled_copy_kernel(src_ptr, dst_ptr, factor_ptr, n, BLOCK: tl.constexpr):
-    """``dst = src * factor`` over ``n`` contiguous elements, computed in float32, rounded once to dst's dtype."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    factor = tl.load(factor_ptr).to(tl.float32)
-    x = tl.load(src_ptr + offs, mask=offs < n).to(tl.float32)
-    tl.store(dst_ptr + offs, (x * factor).to(dst_ptr.dtype.element_ty), mask=offs < n)
-
-
 def scaled_copy(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
     """A new ``grad * factor`` (``factor`` a device scalar), computed in float32 (float64 for float64) and rounded
     once to ``dtype``; ``grad`` is left as it is (a retained graph reuses it). On the Triton path no float32 copy of
@@ -47,6 +37,8 @@ def scaled_copy(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype, ba
     if wide == torch.float64 or resolve_backend(grad, backend) != "triton" or not grad.is_contiguous():
         return torch.mul(grad.to(wide), factor.to(wide), out=out)
     if out.numel():
+        from ..kernels.kd_loss import _scaled_copy_kernel
+
         _scaled_copy_kernel[(triton.cdiv(out.numel(), SCALED_COPY_BLOCK),)](
             src_ptr=grad, dst_ptr=out, factor_ptr=factor.to(torch.float32), n=out.numel(), BLOCK=SCALED_COPY_BLOCK,
             num_warps=8)
