@@ -55,6 +55,8 @@ def row_kernel_configs():
     one_per_row = [triton.Config({**c.kwargs, "ROWS_PER_SM": 0, "PARTS": 1}, num_warps=c.num_warps,
                                  num_stages=c.num_stages, maxnreg=c.maxnreg) for c in gpu_tile_configs()]
     persistent = [(2048, 1, 1, 8), (4096, 1, 1, 8), (2048, 2, 1, 8), (2048, 1, 2, 8), (2048, 1, 4, 8), (1024, 2, 4, 4)]
+    if os.environ.get("SWITCHKD_ROW_GROUPS", "1") == "0":  # a switch to rule the program groups out when debugging
+        persistent = [c for c in persistent if c[2] == 1]
     return one_per_row + [triton.Config({"BLOCK": block, "ROWS_PER_SM": rows_per_sm, "PARTS": parts},
                                         num_warps=warps, num_stages=2, maxnreg=255)
                           for block, rows_per_sm, parts, warps in persistent]

@@ -103,7 +103,7 @@ def scale_case(dtype):
 
     def launch():
         stored_grad.launch_scale(grad, torch.ones(2))
-        stored_grad.scaled_copy(grad, torch.ones(()), grad.dtype, backend="triton")
+        stored_grad.launch_scaled_copy(grad, torch.ones(()), torch.empty_like(grad))
 
     return _record(launch)
 

@@ -37,12 +37,16 @@ def scaled_copy(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype, ba
     if wide == torch.float64 or resolve_backend(grad, backend) != "triton" or not grad.is_contiguous():
         return torch.mul(grad.to(wide), factor.to(wide), out=out)
     if out.numel():
-        from ..kernels.kd_loss import _scaled_copy_kernel
-
-        _scaled_copy_kernel[(triton.cdiv(out.numel(), SCALED_COPY_BLOCK),)](
-            src_ptr=grad, dst_ptr=out, factor_ptr=factor.to(torch.float32), n=out.numel(), BLOCK=SCALED_COPY_BLOCK,
-            num_warps=8)
+        launch_scaled_copy(grad, factor.to(torch.float32), out)
     return out
+
+
+def launch_scaled_copy(grad: torch.Tensor, factor: torch.Tensor, out: torch.Tensor):
+    """Launch ``_scaled_copy_kernel``: ``out = grad * factor`` over contiguous tensors, ``factor`` a float32 scalar."""
+    from ..kernels.kd_loss import _scaled_copy_kernel
+
+    _scaled_copy_kernel[(triton.cdiv(out.numel(), SCALED_COPY_BLOCK),)](
+        src_ptr=grad, dst_ptr=out, factor_ptr=factor, n=out.numel(), BLOCK=SCALED_COPY_BLOCK, num_warps=8)
 
 
 class StoredGradFunction(torch.autograd.Function):
