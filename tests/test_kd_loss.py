@@ -1,5 +1,6 @@
 import contextlib
 import math
+import sys
 
 import pytest
 import torch
@@ -9,7 +10,6 @@ from switchkd import kd_loss, reference
 from switchkd.kernels import kd_loss as kd_kernels
 from switchkd.kernels import split as split_kernels
 from switchkd.kernels import switch_step as step_kernels
-from switchkd.ops import kd_loss as kd_loss_op
 from switchkd.ops.kd_loss import group_buffers, kd_loss_triton
 from switchkd.ops.stored_grad import attach_grad
 
@@ -142,7 +142,12 @@ def test_autotuned_program_groups_leave_their_barriers_at_zero(monkeypatch):
     each launch must leave them at zero, or the next one's barriers would not wait and its losses be wrong."""
     groups = [c for c in PERSISTENT if c.kwargs["PARTS"] > 1]
     made = []
-    monkeypatch.setattr(kd_loss_op, "group_buffers", lambda *a: made.append(group_buffers(*a)) or made[-1])
+
+    def recorded(*args):
+        made.append(group_buffers(*args))
+        return made[-1]
+
+    monkeypatch.setattr(sys.modules[kd_loss_triton.__module__], "group_buffers", recorded)
     kernel = kd_kernels._kd_loss_kernel
     saved = kernel.configs, dict(kernel.cache)
     kernel.configs = groups
