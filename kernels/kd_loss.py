@@ -12,9 +12,7 @@ import triton
 import triton.language as tl
 
 from .divergence import FKL, INTERPRETED, _grad_sweep, _loss_sweep, _nan_unless, _zero_sweep
-from .split import NO_SAMPLE, SUMS, _combine_stats, _merge, _row_stats, autotuned, row_kernel_configs
-
-XCHG: tl.constexpr = tl.constexpr(8)  # exchange slot of a program: m_s, z_s, m_t, z_t, loss, sum(p_S g), -, -
+from .split import NO_SAMPLE, STATS, SUMS, _combine_stats, _row_stats, _sum_splits, autotuned, row_kernel_configs
 
 
 @autotuned(key=["V", "KIND"], writes_grad=True, gpu_configs=row_kernel_configs)
@@ -27,7 +25,8 @@ def _kd_loss_kernel(
     loss_ptr,  # [N] float32 output: per-row loss (0 on ignored rows, NaN on non-finite rows)
     grad_ptr,  # [N, V] output: weight * d loss_row / d student logits (written only when HAS_GRAD)
     sync_ptr,  # [programs / PARTS] int32 barrier counters of the program groups: zero before and after (PARTS > 1)
-    xchg_ptr,  # [programs, XCHG] float32 what each program hands its group: statistics, partial sums (PARTS > 1)
+    part_stats_ptr,  # [programs, 4] float32 each program's statistics of its part, for its group (PARTS > 1)
+    part_sums_ptr,  # [programs, 4] float32 each program's (loss, sum(p_S g), -, -) of its part (PARTS > 1)
     n_rows, s_stride, t_stride, grad_stride, V, chunk, scale2, inv_temp, alpha, beta, ignore_index,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     ROWS_PER_SM: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
@@ -51,8 +50,9 @@ def _kd_loss_kernel(
         if HAS_LABELS:
             keep = tl.load(labels_ptr + row) != ignore_index
         _kd_loss_row(tl.cast(row, tl.int64), keep, s_ptr, t_ptr, weight_ptr, loss_ptr, grad_ptr, sync_ptr,
-                     xchg_ptr + group * PARTS * XCHG, group, first, last, width, meetings, s_stride, t_stride,
-                     grad_stride, V, scale2, inv_temp, alpha, beta, KIND, HAS_GRAD, HAS_WEIGHT, PARTS, BLOCK)
+                     part_stats_ptr + group * PARTS * STATS, part_sums_ptr + group * PARTS * SUMS, group, first, last,
+                     width, meetings, s_stride, t_stride, grad_stride, V, scale2, inv_temp, alpha, beta, KIND,
+                     HAS_GRAD, HAS_WEIGHT, PARTS, BLOCK)
         if keep:  # every program of the group sees the same labels: all meet on a kept row, none on an ignored one
             meetings += 2
     if PARTS > 1 and not INTERPRETED:  # the group's last program out puts its counter back to zero for the next launch
@@ -73,13 +73,15 @@ def _meet(sync_ptr, group, meetings, PARTS: tl.constexpr):
 
 
 @triton.jit
-def _kd_loss_row(row, keep, s_ptr, t_ptr, weight_ptr, loss_ptr, grad_ptr, sync_ptr, xchg, group, first, last, width,
-                 meetings, s_stride, t_stride, grad_stride, V, scale2, inv_temp, alpha, beta, KIND: tl.constexpr,
-                 HAS_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+def _kd_loss_row(row, keep, s_ptr, t_ptr, weight_ptr, loss_ptr, grad_ptr, sync_ptr, part_stats, part_sums, group,
+                 first, last, width, meetings, s_stride, t_stride, grad_stride, V, scale2, inv_temp, alpha, beta,
+                 KIND: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, PARTS: tl.constexpr,
+                 BLOCK: tl.constexpr):
     """One row over the column parts ``[first, last)``: statistics of both models, the loss sweep (backwards,
     starting on what is still in L2), and the gradient sweep for every kind but fkl. With ``PARTS > 1`` the
     group's parts combine their statistics (first meeting) and their loss and centring sums (second) through
-    ``xchg`` (``[PARTS, XCHG]``); ignored rows (``keep`` False) get a zero loss and gradient."""
+    ``part_stats`` and ``part_sums`` (``[PARTS, 4]`` each, the split kernels' layout); ignored rows (``keep``
+    False) get a zero loss and gradient."""
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
     grad_row = grad_ptr + row * grad_stride
@@ -96,15 +98,12 @@ def _kd_loss_row(row, keep, s_ptr, t_ptr, weight_ptr, loss_ptr, grad_ptr, sync_p
                 hi = tl.minimum(lo + width, V)
                 m_s, z_s, _, _ = _row_stats(s_row, lo, hi, scale2, 0, NO_SAMPLE, BLOCK)
                 m_t, z_t, _, _ = _row_stats(t_row, lo, hi, scale2, 0, NO_SAMPLE, BLOCK)
-                tl.store(xchg + p * XCHG, m_s)
-                tl.store(xchg + p * XCHG + 1, z_s)
-                tl.store(xchg + p * XCHG + 2, m_t)
-                tl.store(xchg + p * XCHG + 3, z_t)
+                tl.store(part_stats + p * STATS, m_s)
+                tl.store(part_stats + p * STATS + 1, z_s)
+                tl.store(part_stats + p * STATS + 2, m_t)
+                tl.store(part_stats + p * STATS + 3, z_t)
             _meet(sync_ptr, group, meetings, PARTS)
-            k = tl.arange(0, PARTS) * XCHG
-            m_s, lz_s, ok_s = _merge(tl.load(xchg + k, volatile=True), tl.load(xchg + k + 1, volatile=True))
-            m_t, lz_t, ok_t = _merge(tl.load(xchg + k + 2, volatile=True), tl.load(xchg + k + 3, volatile=True))
-            valid = ok_s & ok_t
+            m_s, lz_s, m_t, lz_t, valid = _combine_stats(part_stats, 0, PARTS, PARTS, True)
         grad_scale = _nan_unless(valid, inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp)
         if PARTS == 1:
             loss, g_mean = _loss_sweep(s_row, t_row, grad_row, 0, V, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha,
@@ -115,12 +114,11 @@ def _kd_loss_row(row, keep, s_ptr, t_ptr, weight_ptr, loss_ptr, grad_ptr, sync_p
                 part_loss, part_g = _loss_sweep(s_row, t_row, grad_row, lo, tl.minimum(lo + width, V), scale2,
                                                 grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, KIND, HAS_GRAD, True,
                                                 BLOCK)
-                tl.store(xchg + p * XCHG + 4, part_loss)
-                tl.store(xchg + p * XCHG + 5, part_g)
+                tl.store(part_sums + p * SUMS, part_loss)
+                tl.store(part_sums + p * SUMS + 1, part_g)
             _meet(sync_ptr, group, meetings + 1, PARTS)
-            k = tl.arange(0, PARTS) * XCHG
-            loss = tl.sum(tl.load(xchg + k + 4, volatile=True), 0)
-            g_mean = tl.sum(tl.load(xchg + k + 5, volatile=True), 0)
+            loss = _sum_splits(part_sums, 0, PARTS, 0, PARTS, True)
+            g_mean = _sum_splits(part_sums, 0, PARTS, 1, PARTS, True)
         if first == 0:
             tl.store(loss_ptr + row, _nan_unless(valid, loss))
         if HAS_GRAD and KIND != FKL:

@@ -63,8 +63,9 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
                 return (n_rows,)
             return (max(1, min(n_rows, meta["ROWS_PER_SM"] * sms // meta["PARTS"])) * meta["PARTS"],)
 
-        sync, xchg = group_buffers(MAX_ROWS_PER_SM * sms, device)
-        _kd_loss_kernel[grid](loss_ptr=loss, sync_ptr=sync, xchg_ptr=xchg, n_rows=n_rows, HAS_GRAD=need_grad, **args)
+        sync, parts = group_buffers(MAX_ROWS_PER_SM * sms, device)
+        _kd_loss_kernel[grid](loss_ptr=loss, sync_ptr=sync, part_stats_ptr=parts[0], part_sums_ptr=parts[1],
+                              n_rows=n_rows, HAS_GRAD=need_grad, **args)
         return loss, grad
     grid = (n_rows, n_splits)
     stats, sums = torch.empty(n_rows, n_splits, 4, **f32), torch.empty(n_rows, n_splits, 4, **f32)
@@ -82,10 +83,10 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
 
 
 def group_buffers(programs: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Barrier counters (zero; each launch leaves them zero) and exchange slots for up to ``programs`` programs
-    of the per-row kernel's program groups."""
+    """Barrier counters (zero; each launch leaves them zero) and ``[2, programs, 4]`` exchange slots (statistics,
+    partial sums) for up to ``programs`` programs of the per-row kernel's program groups."""
     return (torch.zeros(programs, device=device, dtype=torch.int32),
-            torch.empty(programs, 8, device=device, dtype=torch.float32))
+            torch.empty(2, programs, 4, device=device, dtype=torch.float32))
 
 
 def row_weight(n_rows: int, labels, ignore_index: int, reduction: str, device,

@@ -172,9 +172,9 @@ class FusedLinearKDFunction(torch.autograd.Function):
         needs = tuple(opts["grad_enabled"] and need for need in ctx.needs_input_grad[:3])  # none under no_grad
         weights, wide = opts["row_weights"], torch.promote_types(s_hidden.dtype, torch.float32)
         scale = row_weight(s_hidden.shape[0], labels, opts["ignore_index"], opts["reduction"], s_hidden.device, wide)
-        fold = fold_weight(s_hidden.dtype)
-        ctx.scale = None if fold else scale  # what backward still multiplies by
-        row_scale = (scale if fold else None) if weights is None else (weights * scale if fold else weights)
+        row_scale, ctx.scale = weights, scale  # ctx.scale: what backward still multiplies by
+        if fold_weight(s_hidden.dtype):
+            row_scale, ctx.scale = (scale if weights is None else weights * scale), None
         rows, *ctx.grads = _chunked(student, teacher, labels, needs, row_scale, opts)
         if weights is not None:
             rows = rows * weights
