@@ -1,16 +1,18 @@
-"""Counter-based sampling noise and the exponential race, bit-identical noise to ``switchkd.reference``.
+"""Counter-based inverse-CDF sampling, the same tokens as ``switchkd.reference.sample``.
 
-A token is drawn as ``argmax_i p_i / E_i`` with ``E_i = -log2(u_i)`` (an exponential variate up to the
-factor ln 2, which does not move the argmax): the exponential race, which is Gumbel-max
-``argmax_i log p_i - log(-log u_i)`` written without its second logarithm. ``p_i`` up to the row's
-normaliser is the ``exp2`` the online softmax computes anyway, so sampling adds one ``log2`` and one
-reciprocal per logit and model.
+One uniform ``u`` per row and model comes from an integer hash of (seed, row key, position, model); the token
+is the first column, in vocabulary order, whose cumulative probability passes ``u``. The probabilities are the
+``exp2`` the softmax computes anyway, so sampling costs no transcendental and no hash per logit: only the
+program whose column range holds ``u`` sums its tiles, and only the tile holding ``u`` takes a prefix sum.
 """
 
 import triton
 import triton.language as tl
 
-from .divergence import _fast_rcp
+from .divergence import _log_probs
+from .split import NO_SAMPLE, _row_stats
+
+NO_TOKEN: tl.constexpr = tl.constexpr(-1)  # a scan's token before it is found
 
 
 @triton.jit
@@ -24,25 +26,34 @@ def _mix32(x):
 
 
 @triton.jit
-def _row_hash(seed_key, row_key, position, model):
-    """Per-row noise key from the pre-hashed seed, the row key and position (int64) and the model id."""
+def _row_uniform(seed_key, row_key, position, model):
+    """The row's uniform ``(2j + 1) / 2**24`` (23 bits of the hash of the pre-hashed seed, the row key and
+    position (int64) and the model id), exact in float32: ``switchkd.reference.row_uniform``."""
     k = _mix32(tl.cast(seed_key, tl.uint32) ^ tl.cast(row_key, tl.uint32))  # tl.cast: also for int constants
     k = _mix32(k ^ tl.cast(position, tl.uint32))
-    return _mix32(k ^ (model + 1))
+    k = _mix32(k ^ (model + 1))
+    return ((k >> 9).to(tl.float32) * 2.0 + 1.0) * 5.9604644775390625e-08
 
 
 @triton.jit
-def _exp_noise2(key, cols):
-    """``-log2(u)`` for vocabulary columns ``cols``: u = (2j + 1) / 2**24 with 23 random bits, in (0, 1)."""
-    h = _mix32(key ^ (cols.to(tl.uint32) * tl.full([], 0x9E3779B9, tl.uint32)))
-    u = ((h >> 9).to(tl.float32) * 2.0 + 1.0) * 5.9604644775390625e-08
-    return -tl.log2(u)
+def _cdf_tile(p, cols, running, u, token, last):
+    """One tile of an inverse-CDF scan. ``running`` is the probability before the tile; returns it after the
+    tile, the token (the first column with ``p > 0`` where the running sum passes ``u``, or ``token`` when no
+    column of the tile does) and the last column with ``p > 0`` so far (the token when rounding leaves the
+    whole scan at or below ``u``)."""
+    tile = tl.sum(p, 0)
+    last = tl.maximum(last, tl.max(tl.where(p > 0, cols, NO_TOKEN), 0))
+    if running + tile > u:
+        passed = (tl.cumsum(p, 0) + running > u) & (p > 0)
+        hit = tl.min(tl.where(passed, cols, 2147483647), 0)
+        token = tl.where(hit < 2147483647, hit, token)
+    return running + tile, token, last
 
 
 @triton.jit
-def _race_score(e, noise):
-    """``e / noise``: a reciprocal on the special-function unit and a multiply (see ``_fast_rcp``)."""
-    return e * _fast_rcp(noise)
+def _scan_result(token, last):
+    """The scan's column: its token, else its last column with ``p > 0``, else 0 (a row without probability)."""
+    return tl.maximum(tl.where(token == NO_TOKEN, last, token), 0)
 
 
 @triton.jit
@@ -60,29 +71,34 @@ def _sample_kernel(
     row_keys_ptr,  # [B] int64 stable sequence ids (read unless KEYS_ARANGE)
     tokens_ptr,  # [B] int64 output: sampled token
     x_stride, V, position, seed_key, scale2,
-    MODEL: tl.constexpr, POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr, GREEDY: tl.constexpr, BLOCK: tl.constexpr,
+    MODEL: tl.constexpr, POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr, GREEDY: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """One exponential-race sample per row with the noise of ``switchkd.reference.sample`` (argmax when GREEDY).
-
-    Scores are ``2^(x2 - m) / E`` against the running maximum ``m``; when ``m`` moves, the best score so
-    far is rescaled by ``2^(m_old - m_new)`` (one exp2 per tile).
-    """
+    """One inverse-CDF sample per row with the uniform of ``switchkd.reference.sample`` (argmax when GREEDY):
+    a sweep for the softmax statistics, then a scan that stops loading once the token is found."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
-    pos = position if POS_SCALAR else tl.load(positions_ptr + row)
-    key = _row_hash(seed_key, row if KEYS_ARANGE else tl.load(row_keys_ptr + row), pos, MODEL)
-    m = -3.0e38
-    best = -float("inf") if GREEDY else -1.0
-    tok = 0
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(x_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        if GREEDY:
-            best, tok = _argmax_update(x, start, best, tok)
-        else:
-            x2 = x * scale2
-            m_new = tl.maximum(m, tl.max(x2, 0))
-            score = _race_score(tl.exp2(x2 - m_new), _exp_noise2(key, cols))
-            best, tok = _argmax_update(score, start, best * tl.exp2(m - m_new), tok)
-            m = m_new
-    tl.store(tokens_ptr + row, tok.to(tl.int64))
+    if GREEDY:
+        best = -float("inf")
+        token = 0
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+            best, token = _argmax_update(x, start, best, token)
+    else:
+        pos = position if POS_SCALAR else tl.load(positions_ptr + row)
+        u = _row_uniform(seed_key, row if KEYS_ARANGE else tl.load(row_keys_ptr + row), pos, MODEL)
+        m, z, _top, _col = _row_stats(x_row, 0, V, scale2, NO_SAMPLE, BLOCK)
+        lz = tl.log2(z)
+        running = tl.zeros([], tl.float32)
+        token = tl.full([], NO_TOKEN, tl.int32)
+        last = tl.full([], NO_TOKEN, tl.int32)
+        for start in range(0, V, BLOCK):
+            if token == NO_TOKEN:
+                cols = start + tl.arange(0, BLOCK)
+                x2 = tl.load(x_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32) * scale2
+                _log_p, p = _log_probs(x2, m, lz)
+                running, token, last = _cdf_tile(p, cols, running, u, token, last)
+        token = _scan_result(token, last)
+    tl.store(tokens_ptr + row, token.to(tl.int64))
+

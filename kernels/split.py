@@ -2,7 +2,7 @@
 
 A ``[R, V]`` pair of logit rows is cut into ``S`` column chunks; the grid is ``(R, S)`` so that one row
 fills the GPU. Phase 1 (:func:`_stats_kernel`) writes each chunk's base-2 softmax statistics ``(m, z)``
-(and, for the switch step, its best sampling candidate); later phases combine the ``S`` entries of
+(and, for greedy decoding, its argmax); later phases combine the ``S`` entries of
 their row in registers (:func:`_combine_stats`) and sweep their own chunk again. No host sync: every
 combine happens on the device, at the start of the next launch.
 
@@ -22,11 +22,9 @@ import triton.language as tl
 from switchkd.ops.spec import triton_interpreted as interpreted
 
 from .divergence import NEG_BIG, _grad_sweep, _nan_unless, _zero_sweep
-from .sampling import _exp_noise2, _race_score, _row_hash
 
-# Sampling modes of the statistics sweep.
+# Modes of the statistics sweep: statistics only, or also each chunk's argmax (greedy decoding).
 NO_SAMPLE: tl.constexpr = tl.constexpr(0)
-RACE: tl.constexpr = tl.constexpr(1)
 GREEDY: tl.constexpr = tl.constexpr(2)
 
 STATS: tl.constexpr = tl.constexpr(4)  # per split: m_s, z_s, m_t, z_t (base 2)
@@ -150,17 +148,16 @@ def split_plan(rows: int, vocab: int, device, splits: int | None = None) -> tupl
 
 
 @triton.jit
-def _row_stats(x_row, lo, hi, scale2, key, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-    """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` and the best sampling
-    candidate: exponential race ``2^(x2 - m) / E`` (RACE; the exp2 is the softmax's own) or the raw logit
-    (GREEDY); ties go to the lowest column.
+def _row_stats(x_row, lo, hi, scale2, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` and, with GREEDY, the best
+    raw logit and its column (ties go to the lowest column; NO_SAMPLE returns placeholders).
 
-    Every lane keeps its own running max, sum and candidate (rescaled by ``2^(m_old - m_new)`` when its
-    max moves), so the loop has no cross-thread reduction; the lanes are combined once at the end.
+    Every lane keeps its own running max and sum (rescaled by ``2^(m_old - m_new)`` when its max moves), so
+    the loop has no cross-thread reduction; the lanes are combined once at the end.
     """
     m = tl.full([BLOCK], NEG_BIG, tl.float32)
     z = tl.zeros([BLOCK], dtype=tl.float32)
-    best = tl.full([BLOCK], -float("inf") if SAMPLE == GREEDY else -1.0, tl.float32)
+    best = tl.full([BLOCK], -float("inf"), tl.float32)
     col = tl.zeros([BLOCK], dtype=tl.int32) + lo
     for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -168,26 +165,15 @@ def _row_stats(x_row, lo, hi, scale2, key, SAMPLE: tl.constexpr, BLOCK: tl.const
         x = tl.load(x_row + cols, mask=inside, other=-float("inf")).to(tl.float32)
         x2 = x * scale2
         m_new = tl.maximum(m, x2)
-        rescale = tl.exp2(m - m_new)
-        e = tl.exp2(x2 - m_new)
-        z = z * rescale + e
-        if SAMPLE == RACE:
-            score = _race_score(e, _exp_noise2(key, cols))
-            best = best * rescale
-            take = (score > best) & inside
-            best = tl.where(take, score, best)
-            col = tl.where(take, cols, col)
-        elif SAMPLE == GREEDY:
+        z = z * tl.exp2(m - m_new) + tl.exp2(x2 - m_new)
+        if SAMPLE == GREEDY:
             take = (x > best) & inside
             best = tl.where(take, x, best)
             col = tl.where(take, cols, col)
         m = m_new
     m_all = tl.max(m, 0)
-    lane = tl.exp2(m - m_all)
-    if SAMPLE == RACE:
-        best = best * lane
     top = tl.max(best, 0)
-    return m_all, tl.sum(z * lane, 0), top, tl.min(tl.where(best == top, col, hi), 0)
+    return m_all, tl.sum(z * tl.exp2(m - m_all), 0), top, tl.min(tl.where(best == top, col, hi), 0)
 
 
 @triton.jit
@@ -229,33 +215,27 @@ def _sum_splits(sums_ptr, row, n_splits, field, SPLITS: tl.constexpr, VOLATILE: 
 def _stats_kernel(
     s_ptr,  # [R, V] student logits
     t_ptr,  # [R, V] teacher logits
-    positions_ptr,  # [R] int64 generated-token index (read unless POS_SCALAR)
-    row_keys_ptr,  # [R] int64 stable sequence ids (read unless KEYS_ARANGE)
     stats_ptr,  # [R, S, 4] float32 output: per-split (m_s, z_s, m_t, z_t), base 2
-    cand_ptr,  # [R, S, 2] float32 output: per-split best candidate score (student, teacher) when SAMPLE
+    cand_ptr,  # [R, S, 2] float32 output: per-split best logit (student, teacher) when SAMPLE == GREEDY
     cand_col_ptr,  # [R, S, 2] int32 output: its column
-    s_stride, t_stride, V, chunk, position, seed_key, scale2,
-    SAMPLE: tl.constexpr, SAMPLE_S: tl.constexpr, POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    s_stride, t_stride, V, chunk, scale2,
+    SAMPLE: tl.constexpr, SAMPLE_S: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Phase 1: softmax statistics (one exp2 per logit) and sampling candidates of one chunk of one row
-    (``SAMPLE`` for the teacher, ``SAMPLE_S`` for the student: NO_SAMPLE when its tokens are given)."""
+    """Phase 1: softmax statistics (one exp2 per logit) of one chunk of one row and, for greedy decoding, each
+    model's argmax candidate (``SAMPLE`` for the teacher, ``SAMPLE_S`` for the student: NO_SAMPLE when its tokens
+    are given). Sampled tokens are drawn in the next phase, by inverse CDF over these statistics."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, V)
-    pos = position if POS_SCALAR else tl.load(positions_ptr + row)
-    row_key = row if KEYS_ARANGE else tl.load(row_keys_ptr + row)
-    key_s = _row_hash(seed_key, row_key, pos, 0)  # scalar work, used only when SAMPLE == RACE
-    key_t = _row_hash(seed_key, row_key, pos, 1)
-    m_s, z_s, best_s, col_s = _row_stats(s_ptr + row * s_stride, lo, hi, scale2, key_s, SAMPLE_S, BLOCK)
-    m_t, z_t, best_t, col_t = _row_stats(t_ptr + row * t_stride, lo, hi, scale2, key_t, SAMPLE, BLOCK)
+    m_s, z_s, best_s, col_s = _row_stats(s_ptr + row * s_stride, lo, hi, scale2, SAMPLE_S, BLOCK)
+    m_t, z_t, best_t, col_t = _row_stats(t_ptr + row * t_stride, lo, hi, scale2, SAMPLE, BLOCK)
     out = row * tl.num_programs(1) + split
     tl.store(stats_ptr + out * STATS, m_s)
     tl.store(stats_ptr + out * STATS + 1, z_s)
     tl.store(stats_ptr + out * STATS + 2, m_t)
     tl.store(stats_ptr + out * STATS + 3, z_t)
-    if SAMPLE != NO_SAMPLE:
+    if SAMPLE == GREEDY:
         tl.store(cand_ptr + out * 2, best_s)
         tl.store(cand_ptr + out * 2 + 1, best_t)
         tl.store(cand_col_ptr + out * 2, col_s)

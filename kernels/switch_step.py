@@ -2,10 +2,11 @@
 
 Launches over a ``(B, S)`` grid (``switchkd.kernels.split``):
 
-1. ``_stats_kernel`` (RACE or GREEDY): per chunk, both models' softmax statistics and sampling candidates.
-2. ``_switch_step_kernel``: combine the row's statistics and candidates (the tokens), then one sweep of
-   the chunk for the JSD, the loss, the fkl gradient or the centring sum, and the teacher rank of the
-   student token (topk).
+1. ``_stats_kernel``: per chunk, both models' softmax statistics (and, greedy, their argmax candidates).
+2. ``_switch_step_kernel``: combine the row's statistics, then one sweep of the chunk for the JSD, the loss,
+   the fkl gradient or the centring sum, and the teacher rank of the student token (topk). Sampling is by
+   inverse CDF: each model's uniform falls in one chunk (known from the statistics), and only that chunk's
+   program sums its tiles' probabilities until the running sum passes the uniform (``kernels.sampling``).
 3. ``_switch_step_finish_kernel`` (grid ``B``): sum the partials, take the decision, write the outputs.
 4. ``_grad_kernel``, only with a gradient of a kind other than fkl.
 """
@@ -14,27 +15,40 @@ import triton
 import triton.language as tl
 
 from .divergence import NEG_BIG, _jsd_terms, _load2, _loss_tile, _nan_unless
+from .sampling import NO_TOKEN, _cdf_tile, _row_uniform, _scan_result
 from .split import STATS, SUMS, _combine_stats, _sum_splits, autotuned
 
 
 @triton.jit
 def _combine_candidates(
-    stats_ptr,  # [B, S, 4] float32 per-split softmax statistics
-    cand_ptr,  # [B, S, 2] float32 per-split best candidate score
+    cand_ptr,  # [B, S, 2] float32 per-split best logit
     cand_col_ptr,  # [B, S, 2] int32 its column
-    row, n_splits, model, GREEDY: tl.constexpr, SPLITS: tl.constexpr,
+    row, n_splits, model, SPLITS: tl.constexpr,
 ):
-    """The row's sampled token of ``model`` (0 student, 1 teacher): the best candidate once every split's
-    race score is put on the row's common scale ``2^(m_k - max m)``; ties go to the lowest column."""
+    """The row's greedy token of ``model`` (0 student, 1 teacher): the best split candidate; ties go to the lowest
+    column."""
     k = tl.arange(0, SPLITS)
     mask = k < n_splits
     idx = row * n_splits + k
     best = tl.load(cand_ptr + idx * 2 + model, mask=mask, other=-float("inf"))
-    if not GREEDY:
-        m = tl.load(stats_ptr + idx * STATS + 2 * model, mask=mask, other=NEG_BIG)
-        best = tl.where(mask, best * tl.exp2(m - tl.max(m, 0)), -1.0)
     _, arg = tl.max(best, 0, return_indices=True, return_indices_tie_break_left=True)
     return tl.sum(tl.where(k == arg, tl.load(cand_col_ptr + idx * 2 + model, mask=mask, other=0), 0), 0)
+
+
+@triton.jit
+def _cdf_split(stats_ptr, row, n_splits, model, u, m_all, lz, SPLITS: tl.constexpr):
+    """Where ``model``'s inverse-CDF token lies: the first split whose cumulative probability passes ``u`` (the last
+    split with probability when rounding leaves the total at or below ``u``; split 0 when none has any), and the
+    probability of the splits before it. Every program of the row computes the same."""
+    k = tl.arange(0, SPLITS)
+    mask = k < n_splits
+    idx = row * n_splits + k
+    m = tl.load(stats_ptr + idx * STATS + 2 * model, mask=mask, other=NEG_BIG)
+    z = tl.load(stats_ptr + idx * STATS + 2 * model + 1, mask=mask, other=0.0)
+    mass = z * tl.exp2((m - m_all) - lz)
+    split = tl.sum(((tl.cumsum(mass, 0) <= u) & mask).to(tl.int32), 0)
+    split = tl.minimum(split, tl.max(tl.where(mass > 0, k, 0), 0))
+    return split, tl.sum(tl.where(k < split, mass, 0.0), 0)
 
 
 @autotuned(key=["V", "chunk", "KIND"])
@@ -42,17 +56,20 @@ def _combine_candidates(
 def _switch_step_kernel(
     s_ptr,  # [B, V] student logits
     t_ptr,  # [B, V] teacher logits
+    positions_ptr,  # [B] int64 generated-token index (read unless POS_SCALAR)
+    row_keys_ptr,  # [B] int64 stable sequence ids (read unless KEYS_ARANGE)
     stats_ptr,  # [B, S, 4] float32 per-split softmax statistics
-    cand_ptr,  # [B, S, 2] float32 per-split sampling candidates
+    cand_ptr,  # [B, S, 2] float32 per-split argmax candidates (GREEDY)
     cand_col_ptr,  # [B, S, 2] int32 their columns
     sums_ptr,  # [B, S, 4] float32 output: per-split (loss, sum(p_S g), jsd, teacher rank)
-    s_tokens_ptr,  # [B] int64 student sample: written by split 0, or given (STUDENT_GIVEN)
-    t_tokens_ptr,  # [B] int64 output: teacher sample (written by split 0)
+    s_tokens_ptr,  # [B] int64 student sample: written by the program whose chunk holds it, or given (STUDENT_GIVEN)
+    t_tokens_ptr,  # [B] int64 output: teacher sample (written by the program whose chunk holds it)
     grad_ptr,  # [B, V] output: fkl gradient (written only when HAS_GRAD and KIND == FKL)
-    s_stride, t_stride, grad_stride, V, chunk, scale2, inv_temp, alpha, beta,
+    s_stride, t_stride, grad_stride, V, chunk, position, seed_key, scale2, inv_temp, alpha, beta,
     TOPK: tl.constexpr, KIND: tl.constexpr, GREEDY: tl.constexpr, HAS_GRAD: tl.constexpr, STUDENT_GIVEN: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """Phase 2. TOPK ranks the student token before the sweep, so it needs the token given (or GREEDY)."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -64,13 +81,27 @@ def _switch_step_kernel(
     m_s, lz_s, m_t, lz_t, valid = _combine_stats(stats_ptr, row, n_splits, SPLITS)
     if STUDENT_GIVEN:
         tok_s = tl.load(s_tokens_ptr + row)
-    else:
-        tok_s = _combine_candidates(stats_ptr, cand_ptr, cand_col_ptr, row, n_splits, 0, GREEDY, SPLITS)
-    if split == 0:
+    if GREEDY:
         if not STUDENT_GIVEN:
-            tl.store(s_tokens_ptr + row, tok_s.to(tl.int64))
-        tok_t = _combine_candidates(stats_ptr, cand_ptr, cand_col_ptr, row, n_splits, 1, GREEDY, SPLITS)
-        tl.store(t_tokens_ptr + row, tok_t.to(tl.int64))
+            tok_s = _combine_candidates(cand_ptr, cand_col_ptr, row, n_splits, 0, SPLITS)
+        if split == 0:
+            if not STUDENT_GIVEN:
+                tl.store(s_tokens_ptr + row, tok_s.to(tl.int64))
+            tok_t = _combine_candidates(cand_ptr, cand_col_ptr, row, n_splits, 1, SPLITS)
+            tl.store(t_tokens_ptr + row, tok_t.to(tl.int64))
+    else:  # inverse CDF: each model's scan runs in the one program whose chunk holds its uniform
+        pos = position if POS_SCALAR else tl.load(positions_ptr + row)
+        row_key = row if KEYS_ARANGE else tl.load(row_keys_ptr + row)
+        u_s = _row_uniform(seed_key, row_key, pos, 0)
+        u_t = _row_uniform(seed_key, row_key, pos, 1)
+        split_s, run_s = _cdf_split(stats_ptr, row, n_splits, 0, u_s, m_s, lz_s, SPLITS)
+        split_t, run_t = _cdf_split(stats_ptr, row, n_splits, 1, u_t, m_t, lz_t, SPLITS)
+        scan_s = (split == split_s) & (not STUDENT_GIVEN)
+        scan_t = split == split_t
+        found_s = tl.full([], NO_TOKEN, tl.int32)
+        found_t = tl.full([], NO_TOKEN, tl.int32)
+        last_s = tl.full([], NO_TOKEN, tl.int32)
+        last_t = tl.full([], NO_TOKEN, tl.int32)
     if TOPK:
         t_at_student = tl.load(t_row + tok_s, mask=(tok_s >= 0) & (tok_s < V), other=-float("inf")).to(tl.float32)
 
@@ -89,6 +120,16 @@ def _switch_step_kernel(
         if TOPK:  # on the raw logits, as the reference ranks them
             t = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
             rank_acc += (t > t_at_student).to(tl.int32)
+        if not GREEDY:
+            if scan_s & (found_s == NO_TOKEN):
+                run_s, found_s, last_s = _cdf_tile(ps, cols, run_s, u_s, found_s, last_s)
+            if scan_t & (found_t == NO_TOKEN):
+                run_t, found_t, last_t = _cdf_tile(pt, cols, run_t, u_t, found_t, last_t)
+    if not GREEDY:
+        if scan_s:
+            tl.store(s_tokens_ptr + row, _scan_result(found_s, last_s).to(tl.int64))
+        if scan_t:
+            tl.store(t_tokens_ptr + row, _scan_result(found_t, last_t).to(tl.int64))
     out = sums_ptr + (row * n_splits + split) * SUMS
     # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0: such rows report NaN.
     tl.store(out, _nan_unless(valid, tl.sum(loss_acc, 0)))

@@ -21,11 +21,9 @@ aot_compile.VOCAB = 128256
 
 # case -> (recorded launches, kernel whose loops are counted)
 CASES = {
-    "switch_step phase 1 (statistics + sampling race)": (lambda: aot_compile.switch_step_case("bf16"), "_stats_kernel"),
-    "switch_step phase 1, student tokens given (teacher race only)": (
-        lambda: aot_compile.switch_step_case("bf16", given_student=True, has_grad=False), "_stats_kernel"),
-    "switch_step phase 2 (jsd, fkl loss and gradient)": (lambda: aot_compile.switch_step_case("bf16"),
-                                                        "_switch_step_kernel"),
+    "switch_step phase 1 (statistics)": (lambda: aot_compile.switch_step_case("bf16"), "_stats_kernel"),
+    "switch_step phase 2 (jsd, fkl loss and gradient; the sampling scans cold)": (
+        lambda: aot_compile.switch_step_case("bf16"), "_switch_step_kernel"),
     "kd_loss jsd, one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="jsd"), "_kd_loss_kernel"),
     "kd_loss fkl, one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="fkl"), "_kd_loss_kernel"),
     "kd_loss srkl (the default kind), one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="srkl"),
@@ -59,32 +57,38 @@ def sass(fn, kwargs, arch=90) -> str:
 
 def loops(text: str) -> list[dict]:
     """Each innermost loop of a SASS listing (an outer loop over rows holds the vocabulary loops): its instruction
-    count, global loads and special-function (MUFU) ops."""
+    count, global loads and special-function (MUFU) ops, and ``hot``, the instructions outside the blocks that a
+    predicated forward branch inside the loop skips (runtime ``if``s: the switch step's sampling scan runs in one
+    program per row and model, and only until it finds the token)."""
     body = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
-    spans = []
+    branches = []
     for address, instruction in body:
         branch = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|(0x[0-9a-f]+))", instruction)
-        if branch and branch.group(1) and int(branch.group(1), 16) < address:
-            spans.append((int(branch.group(1), 16), address))
+        if branch and branch.group(1):
+            branches.append((address, int(branch.group(1), 16), instruction.lstrip().startswith("@")))
+    spans = [(target, address) for address, target, _ in branches if target < address]
     out = []
     for lo, hi in spans:
         if any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in spans):
             continue  # holds another loop
-        ops = [i for a, i in body if lo <= a <= hi]
-        out.append({"instructions": len(ops), "loads": sum("LDG" in i for i in ops),
-                    "mufu": sum("MUFU" in i for i in ops)})
+        ops = [(a, i) for a, i in body if lo <= a <= hi]
+        skipped = [(a, t) for a, t, predicated in branches if predicated and lo <= a < t <= hi]
+        cold = sum(any(start < a < end for start, end in skipped) for a, _ in ops)
+        out.append({"instructions": len(ops), "hot": len(ops) - cold, "loads": sum("LDG" in i for _, i in ops),
+                    "mufu": sum("MUFU" in i for _, i in ops)})
     return out
 
 
 def profile() -> dict:
-    """case -> {"columns_per_trip", "loops": [...], "per_column": instructions per column over the loops that load}."""
+    """case -> {"columns_per_trip", "loops": [...], "per_column": hot instructions per column over the loops that
+    load}."""
     results = {}
     for case, (launch, wanted) in CASES.items():
         name, kernel, kwargs = next(call for call in launch() if call[0] == wanted)
         _, fn, variant = aot_compile.variants(kernel, kwargs)[0]
         columns = variant["BLOCK"] / (32 * variant["num_warps"])  # per thread and trip
         found = loops(sass(fn, variant))
-        per_column = sum(loop["instructions"] for loop in found if loop["loads"]) / columns
+        per_column = sum(loop["hot"] for loop in found if loop["loads"]) / columns
         results[case] = {"kernel": name, "columns_per_trip": columns, "loops": found,
                          "per_column": round(per_column, 1)}
     return results

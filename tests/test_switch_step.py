@@ -223,8 +223,38 @@ def test_sampled_frequencies_match_the_softmax(temperature):
 def test_noise_hash_matches_between_python_ints_and_tensors():
     keys = torch.tensor([0, 1, 2**31, 2**32 - 1, 12345])
     assert reference.mix32(keys).tolist() == [reference.mix32(k) for k in keys.tolist()]
-    u = reference.uniform_noise(3, keys, torch.zeros_like(keys), 0, 4096)
-    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    many = torch.arange(4096)
+    u = reference.row_uniform(3, many, torch.zeros_like(many), 0)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.02
+    assert not torch.equal(u, reference.row_uniform(3, many, torch.zeros_like(many), 1))  # each model its own
+
+
+def test_inverse_cdf_edges():
+    """The first column with probability whose running sum passes u; past the total (rounding) the last such
+    column; a row without probability (NaN) gives 0."""
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 4 + [[float("nan")] * 5], dtype=torch.float64)
+    u = torch.tensor([0.1, 0.25, 0.9, 1.0, 0.5], dtype=torch.float64)
+    assert reference.inverse_cdf(probs, u).tolist() == [1, 3, 3, 3, 0]
+
+
+@pytest.mark.parametrize("splits", [1, 5])
+def test_kernel_draws_follow_the_softmax_across_splits(splits):
+    """200 draws of both models (a row key each) over a row whose 7 live columns lie in different splits (of 128
+    columns) fit the softmax (chi-square), never land on a -inf column, and are the reference's tokens."""
+    live = torch.tensor([0, 100, 130, 250, 300, 420, 519], device=DEVICE)
+    weights = torch.tensor([1.5, 0.2, -0.3, 0.9, -1.2, 0.0, 0.5], device=DEVICE)
+    row = torch.full((520,), -float("inf"), device=DEVICE).index_put_((live,), weights)
+    s = row.expand(200, -1).contiguous()
+    t = torch.full_like(row, -float("inf")).index_put_((live,), weights.flip(0)).expand(200, -1).contiguous()
+    keys = torch.arange(200, device=DEVICE) * 7919
+    step = switch_step_triton(s, t, 2, keys, policy=POLICY, temperature=0.8, seed=4, kind="fkl", alpha=0.1,
+                              beta=0.5, need_grad=False, splits=splits)[0]
+    ref = reference.switch_step(s.double(), t.double(), 2, temperature=0.8, seed=4, row_keys=keys)
+    assert torch.equal(step.student_tokens, ref.student_tokens)
+    assert torch.equal(step.teacher_tokens, ref.teacher_tokens)
+    for tokens, model_weights in ((step.student_tokens, weights), (step.teacher_tokens, weights.flip(0))):
+        assert torch.isin(tokens, live).all()
+        assert_frequencies_match(torch.searchsorted(live, tokens), model_weights, 0.8)
 
 
 def test_gradient_flows_only_when_asked(backend):

@@ -69,11 +69,9 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
         return loss, grad
     grid = (n_rows, n_splits)
     stats, sums = torch.empty(n_rows, n_splits, 4, **f32), torch.empty(n_rows, n_splits, 4, **f32)
-    _stats_kernel[grid](s_ptr=student_logits, t_ptr=teacher_logits, positions_ptr=loss, row_keys_ptr=loss,
-                        stats_ptr=stats, cand_ptr=stats, cand_col_ptr=stats, s_stride=args["s_stride"],
-                        t_stride=args["t_stride"], V=vocab, chunk=chunk, position=0, seed_key=0,
-                        scale2=args["scale2"], SAMPLE=NO_SAMPLE, SAMPLE_S=NO_SAMPLE, POS_SCALAR=True,
-                        KEYS_ARANGE=True)
+    _stats_kernel[grid](s_ptr=student_logits, t_ptr=teacher_logits, stats_ptr=stats, cand_ptr=stats,
+                        cand_col_ptr=stats, s_stride=args["s_stride"], t_stride=args["t_stride"], V=vocab, chunk=chunk,
+                        scale2=args["scale2"], SAMPLE=NO_SAMPLE, SAMPLE_S=NO_SAMPLE)
     split_args = {**args, "stats_ptr": stats, "sums_ptr": sums, "SPLITS": triton.next_power_of_2(n_splits)}
     _kd_loss_split_kernel[grid](HAS_GRAD=need_grad, **split_args)
     if need_grad and kind != "fkl":

@@ -15,7 +15,6 @@ Conventions (natural log throughout, ``p_S = softmax(s / T)``, ``p_T = softmax(t
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -26,8 +25,6 @@ STUDENT, TEACHER = 0, 1  # the `model` field of the sampling noise
 
 _MASK32 = 0xFFFFFFFF
 _SEED_SALT = 0x243F6A88
-_GOLDEN = 0x9E3779B9
-
 
 
 # ----------------------------------------------------------------------------------- sampling noise
@@ -57,18 +54,10 @@ def row_hash(seed: int, row_keys: torch.Tensor, positions: torch.Tensor, model: 
     return mix32(k ^ (model + 1))
 
 
-@functools.lru_cache(maxsize=8)
-def _column_keys(vocab: int, device: torch.device) -> torch.Tensor:
-    """``[1, V]`` per-column part of the noise hash, ``j * golden mod 2**32`` (the same for every row and step)."""
-    return mul32(torch.arange(vocab, device=device, dtype=torch.int64), _GOLDEN)[None, :]
-
-
-def uniform_noise(seed: int, row_keys: torch.Tensor, positions: torch.Tensor, model: int, vocab: int):
-    """``[B, V]`` uniforms ``(2j + 1) / 2**24`` (23 random bits, exact in float32), a pure function of
-    (seed, row key, position, model, vocabulary index)."""
-    k = row_hash(seed, row_keys, positions, model)[:, None]
-    h = mix32(k ^ _column_keys(vocab, row_keys.device))
-    return ((h >> 9) * 2 + 1).to(torch.float64) * 2.0**-24
+def row_uniform(seed: int, row_keys: torch.Tensor, positions: torch.Tensor, model: int) -> torch.Tensor:
+    """``[B]`` float64 uniforms ``(2j + 1) / 2**24`` (23 random bits of the row's key, exact in float32), one per
+    (seed, row key, position, model)."""
+    return ((row_hash(seed, row_keys, positions, model) >> 9) * 2 + 1).to(torch.float64) * 2.0**-24
 
 
 def _rows_and_keys(batch: int, device, positions, row_keys):
@@ -77,21 +66,28 @@ def _rows_and_keys(batch: int, device, positions, row_keys):
     return positions, torch.arange(batch, device=device) if row_keys is None else row_keys
 
 
-def sample(logits, positions=0, *, temperature=1.0, seed=0, row_keys=None, model=STUDENT):
-    """Gumbel-max sample from ``softmax(logits / temperature)`` over ``[B, V]``; ``temperature == 0`` is argmax.
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of ``probs [B, V]``, the first column with ``p > 0`` whose cumulative sum passes ``u[b]``; the last
+    column with ``p > 0`` when rounding leaves the total at or below ``u``; 0 when no ``p`` is positive (NaN)."""
+    live = probs > 0
+    passed = (probs.cumsum(-1) > u[:, None]) & live
+    last = torch.where(live.any(-1), probs.shape[-1] - 1 - live.flip(-1).to(torch.uint8).argmax(-1), 0)
+    return torch.where(passed.any(-1), passed.to(torch.uint8).argmax(-1), last)
 
-    Scores are in base 2: ``logits / T * log2(e) - log2(-log2(u))``, the Gumbel trick up to a
-    constant factor and offset. The kernels evaluate the same argmax as an exponential race,
-    ``argmax p_i / E_i`` with ``E_i = -log2(u_i)`` (``log`` of that ratio is this score), so the
-    tokens are the same for the same ``u``. Ties go to the lowest index. ``model`` picks the noise
-    stream (``STUDENT`` = 0, ``TEACHER`` = 1), as in :func:`switch_step`.
+
+def sample(logits, positions=0, *, temperature=1.0, seed=0, row_keys=None, model=STUDENT):
+    """Inverse-CDF sample from ``softmax(logits / temperature)`` over ``[B, V]``; ``temperature == 0`` is argmax.
+
+    One uniform ``u`` per row (:func:`row_uniform`) picks the first token whose cumulative probability, in
+    vocabulary order, passes ``u``. ``model`` picks the noise stream (``STUDENT`` = 0, ``TEACHER`` = 1), as in
+    :func:`switch_step`. Computed in float64; the kernels sum in float32, so a token can differ only when ``u``
+    lies within rounding of a cumulative-sum boundary (about 1e-6 of the rows at most).
     """
     if temperature == 0:
         return logits.argmax(-1)
     positions, row_keys = _rows_and_keys(logits.shape[0], logits.device, positions, row_keys)
-    u = uniform_noise(seed, row_keys, positions, model, logits.shape[-1])
-    scores = logits.to(torch.float64) * (math.log2(math.e) / temperature) - torch.log2(-torch.log2(u))
-    return scores.argmax(-1)
+    probs = torch.softmax(logits.to(torch.float64) / temperature, -1)
+    return inverse_cdf(probs, row_uniform(seed, row_keys, positions, model))
 
 
 # -------------------------------------------------------------------------------------- divergences

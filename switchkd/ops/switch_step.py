@@ -57,12 +57,16 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
 
     Returns a :class:`SwitchStep` whose ``loss`` carries no graph, and the per-row gradient
     ``d loss[b] / d student_logits[b]`` ``[B, V]`` (or None). ``splits`` overrides the split count (tests);
-    ``student_tokens`` (int64 ``[B]``) skips the student's sampling race.
+    ``student_tokens`` (int64 ``[B]``) skips the student's sampling scan.
     """
-    from ..kernels.split import GREEDY, NO_SAMPLE, RACE, _grad_kernel, _stats_kernel, split_plan
+    from ..kernels.split import GREEDY, NO_SAMPLE, _grad_kernel, _stats_kernel, split_plan
     from ..kernels.switch_step import _switch_step_finish_kernel, _switch_step_kernel
 
     (batch, vocab), device = student_logits.shape, student_logits.device
+    greedy, topk = temperature == 0, policy.kind == "topk"
+    if topk and student_tokens is None and not greedy:  # topk ranks the student's token during the sweep
+        student_tokens = sample_triton(student_logits, positions, row_keys, temperature=temperature, seed=seed,
+                                       model=reference.STUDENT)
     t_tokens = torch.empty(batch, device=device, dtype=torch.int64)
     s_tokens = torch.empty_like(t_tokens) if student_tokens is None else student_tokens
     step = SwitchStep(torch.empty_like(s_tokens), torch.empty(batch, device=device, dtype=torch.bool),
@@ -74,7 +78,7 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
     n_splits, chunk = split_plan(batch, vocab, device, splits)
     work, rows = _workspace(batch, n_splits, device), _row_inputs(positions, row_keys, s_tokens)
     sums = torch.empty(batch, n_splits, 4, device=device, dtype=torch.float32)
-    inv_temp, greedy, topk = 1.0 / temperature if temperature > 0 else 1.0, temperature == 0, policy.kind == "topk"
+    inv_temp = 1.0 / temperature if temperature > 0 else 1.0
     # one rounding of the base-2 scale, shared by every phase (and by ``sample``)
     logits = {"s_ptr": student_logits, "t_ptr": teacher_logits, "s_stride": student_logits.stride(0),
               "t_stride": teacher_logits.stride(0), "V": vocab, "chunk": chunk, "scale2": _scale2(temperature)}
@@ -82,11 +86,11 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
              "inv_temp": inv_temp, "alpha": float(alpha), "beta": float(beta), "KIND": LOSS_CODES[kind],
              "SPLITS": triton.next_power_of_2(n_splits), **work}
     grid = (batch, n_splits)
-    sampling = GREEDY if greedy else RACE
-    _stats_kernel[grid](**logits, **work, seed_key=reference.seed_hash(seed), SAMPLE=sampling,
-                        SAMPLE_S=sampling if student_tokens is None else NO_SAMPLE, **rows)
-    _switch_step_kernel[grid](**logits, **grads, sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
-                              TOPK=topk, GREEDY=greedy, HAS_GRAD=need_grad, STUDENT_GIVEN=student_tokens is not None)
+    argmax = GREEDY if greedy else NO_SAMPLE  # sampled tokens are drawn in the second launch
+    _stats_kernel[grid](**logits, **work, SAMPLE=argmax, SAMPLE_S=argmax if student_tokens is None else NO_SAMPLE)
+    _switch_step_kernel[grid](**logits, **grads, **rows, sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
+                              seed_key=reference.seed_hash(seed), TOPK=topk, GREEDY=greedy, HAS_GRAD=need_grad,
+                              STUDENT_GIVEN=student_tokens is not None)
     thr = policy.coefficients()
     _switch_step_finish_kernel[(batch,)](
         positions_ptr=rows["positions_ptr"], sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
