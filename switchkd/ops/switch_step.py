@@ -111,7 +111,7 @@ def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAU
     """One SWITCH decoding step over a batch of next-token logits: three launches over vocabulary splits.
 
     Per row: ``p_S = softmax(student / T)``, ``p_T = softmax(teacher / T)``, ``d = JSD(p_T, p_S)``
-    (nats), a Gumbel-max sample from each model (computed as the equivalent exponential race), and
+    (nats), an inverse-CDF sample from each model (one counter-based uniform per row and model), and
     the teacher's sample is kept when ``policy`` says so (e.g. ``d > tau0 * exp(-decay * t)``).
     Also returns the per-row loss of kind ``loss``, differentiable w.r.t. ``student_logits``: with
     ``z = s / T``, ``p_S = softmax(z)`` and ``g = dL/dp_S``, the kernels write
@@ -123,8 +123,9 @@ def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAU
         positions: int or ``[B]`` ints: index of the generated token (0 = first), drives the threshold.
         policy: :class:`SwitchPolicy`.
         temperature: sampling and divergence temperature; 0 = greedy (divergences then at T = 1).
-        seed, row_keys: the noise is a pure function of (seed, row_keys[b], positions[b], model, token),
-            so the same logits and seed give the same tokens on every backend and decoding mode.
+        seed, row_keys: each row's uniform is a pure function of (seed, row_keys[b], positions[b], model),
+            so the same logits and seed give the same tokens in every decoding mode and on every backend (up
+            to float32 rounding at a cumulative-probability boundary).
             ``row_keys`` ``[B]`` ints, default ``arange(B)``.
         loss, alpha, beta: the loss kind (``fkl rkl jsd skl srkl tvd``) and its parameters.
         backend: ``auto`` | ``triton`` | ``reference``.
