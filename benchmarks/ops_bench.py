@@ -1,6 +1,7 @@
 """switch_step and kd_loss sections of the throughput benchmark: each fused op against its PyTorch
 reference (eager, ``torch.compile``) and Liger-Kernel's JSD where installed; GB/s against the bytes
-the op must move (both logits read once, the gradient written once)."""
+the op must move (both logits read once, the gradient written once). The switch_step section also times
+``switchkd.sample`` (the decoder's draft sampling, op ``sample``) against ``torch.multinomial`` of the softmax."""
 
 from __future__ import annotations
 
@@ -61,6 +62,12 @@ def kd_loss_providers(device, compile_reference):
     return providers
 
 
+def sample_providers():
+    """The decoder's draft sampling: ``switchkd.sample`` against what a user writes, multinomial over the softmax."""
+    return {"switchkd": lambda x, pos: switchkd.sample(x, pos, temperature=1.0, seed=0),
+            "torch_multinomial": lambda x, pos: torch.multinomial(torch.softmax(x.float(), -1), 1)}
+
+
 def run_section(section, sizes, dtype, device, compile_reference, copy_gbps):
     rows = []
     elt = torch.finfo(dtype).bits // 8
@@ -70,33 +77,42 @@ def run_section(section, sizes, dtype, device, compile_reference, copy_gbps):
         t = (torch.randn(n, vocab, device=device) * 2).to(dtype)
         if section == "switch_step":
             positions = torch.randint(0, 200, (n,), device=device)
-            args = (s, t, positions)
-            grad_to_none, nbytes, mode = None, 2 * n * vocab * elt, "fwd"
+            rows += time_providers(section, providers, (s, t, positions), f"{n}x{vocab}", dtype, device,
+                                   2 * n * vocab * elt, "fwd", copy_gbps, graphs=("switchkd", "compiled"))
+            rows += time_providers("sample", sample_providers(), (t, positions), f"{n}x{vocab}", dtype, device,
+                                   n * vocab * elt, "fwd", copy_gbps, graphs=("switchkd", "torch_multinomial"))
         else:
             s.requires_grad_()
-            args = (s, t)
-            grad_to_none, nbytes, mode = [s], 3 * n * vocab * elt, "fwd+bwd"
-        calls = {name: (lambda f=f, args=args: f(*args)) for name, f in providers.items()}
-        runs = [(name, call, False) for name, call in sorted(calls.items(), key=lambda kv: kv[0] != "eager")]
-        if section == "switch_step" and device == "cuda":  # a decoder replays its steps as CUDA graphs
-            runs += [(f"{name}_graph", calls[name], True) for name in ("switchkd", "compiled") if name in calls]
-        eager_ms = None
-        for name, call, graph in runs:
-            row = {"section": section, "op": section, "provider": name, "shape": f"{n}x{vocab}",
-                   "dtype": str(dtype).replace("torch.", ""), "mode": mode + (" graph" if graph else "")}
-            try:
-                (ms, p20, p80), peak = measure(call, device, grad_to_none=grad_to_none, graph=graph)
-            except Exception as err:  # noqa: BLE001 - a failing provider (OOM, compile error) is a result row
-                rows.append({**row, "error": f"{type(err).__name__}: {str(err)[:200]}"})
-                print(f"{name} {row['shape']}: {rows[-1]['error']}", file=sys.stderr)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            eager_ms = ms if name == "eager" else eager_ms
-            gbps = nbytes / ms / 1e6
-            rows.append({**row, "ms": ms, "ms_p20": p20, "ms_p80": p80, "gbps": gbps,
-                         "pct_copy_bw": 100 * gbps / copy_gbps if copy_gbps else None,
-                         "speedup_vs_eager": eager_ms / ms if eager_ms else None, "peak_mib": peak})
+            rows += time_providers(section, providers, (s, t), f"{n}x{vocab}", dtype, device, 3 * n * vocab * elt,
+                                   "fwd+bwd", copy_gbps, grad_to_none=[s])
+    return rows
+
+
+def time_providers(op, providers, args, shape, dtype, device, nbytes, mode, copy_gbps, grad_to_none=None,
+                   graphs=()):
+    """One row per provider (``eager`` first: the others' speedups are against it), plus ``<name>_graph`` rows
+    replayed from CUDA graphs for the providers in ``graphs`` (on CUDA: a decoder replays its steps)."""
+    rows, eager_ms = [], None
+    calls = {name: (lambda f=f: f(*args)) for name, f in providers.items()}
+    runs = [(name, call, False) for name, call in sorted(calls.items(), key=lambda kv: kv[0] != "eager")]
+    if device == "cuda":
+        runs += [(f"{name}_graph", calls[name], True) for name in graphs if name in calls]
+    for name, call, graph in runs:
+        row = {"section": op, "op": op, "provider": name, "shape": shape,
+               "dtype": str(dtype).replace("torch.", ""), "mode": mode + (" graph" if graph else "")}
+        try:
+            (ms, p20, p80), peak = measure(call, device, grad_to_none=grad_to_none, graph=graph)
+        except Exception as err:  # noqa: BLE001 - a failing provider (OOM, compile error) is a result row
+            rows.append({**row, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+            print(f"{op} {name} {shape}: {rows[-1]['error']}", file=sys.stderr)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        eager_ms = ms if name == "eager" else eager_ms
+        gbps = nbytes / ms / 1e6
+        rows.append({**row, "ms": ms, "ms_p20": p20, "ms_p80": p80, "gbps": gbps,
+                     "pct_copy_bw": 100 * gbps / copy_gbps if copy_gbps else None,
+                     "speedup_vs_eager": eager_ms / ms if eager_ms else None, "peak_mib": peak})
     return rows
 
 
