@@ -101,4 +101,3 @@ def _sample_kernel(
                 running, token, last = _cdf_tile(p, cols, running, u, token, last)
         token = _scan_result(token, last)
     tl.store(tokens_ptr + row, token.to(tl.int64))
-
