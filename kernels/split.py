@@ -29,6 +29,7 @@ GREEDY: tl.constexpr = tl.constexpr(2)
 
 STATS: tl.constexpr = tl.constexpr(4)  # per split: m_s, z_s, m_t, z_t (base 2)
 SUMS: tl.constexpr = tl.constexpr(4)  # per split: loss, sum(p_S g), jsd, teacher rank of the student token
+LANE_GROUP: tl.constexpr = tl.constexpr(8)  # adjacent columns one thread loads (16 B of bf16) and reduces alone
 MAX_SPLITS = 128
 COL_ALIGN = 128  # chunk boundaries fall on multiples of this many columns
 
@@ -148,29 +149,42 @@ def split_plan(rows: int, vocab: int, device, splits: int | None = None) -> tupl
 
 
 @triton.jit
+def _stats_tile(x, cols, scale2, m, z, best, col, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    """Fold one tile of raw logits ``x`` (-inf past the end) into the running statistics of _row_stats. The max is
+    taken on the raw logits (``scale2 > 0``), so each column costs one fused multiply-add, one exp2 and one add."""
+    groups = tl.reshape(x, [BLOCK // LANE_GROUP, LANE_GROUP])
+    m_new = tl.maximum(m, tl.max(groups, 1) * scale2)
+    z = z * tl.exp2(m - m_new) + tl.sum(tl.exp2(groups * scale2 - m_new[:, None]), 1)
+    if SAMPLE == GREEDY:
+        take = x > best
+        best = tl.where(take, x, best)
+        col = tl.where(take, cols, col)
+    return m_new, z, best, col
+
+
+@triton.jit
 def _row_stats(x_row, lo, hi, scale2, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
     """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` and, with GREEDY, the best
     raw logit and its column (ties go to the lowest column; NO_SAMPLE returns placeholders).
 
-    Every lane keeps its own running max and sum (rescaled by ``2^(m_old - m_new)`` when its max moves), so
-    the loop has no cross-thread reduction; the lanes are combined once at the end.
+    Columns go in groups of LANE_GROUP adjacent ones, which one thread holds (its vector load): each group keeps
+    a running max and sum, rescaled by ``2^(m_old - m_new)`` once per group and tile (not per column), so the loop
+    has no cross-thread reduction; the groups are combined once at the end. Whole tiles load without a mask; the
+    last, partial tile with one.
     """
-    m = tl.full([BLOCK], NEG_BIG, tl.float32)
-    z = tl.zeros([BLOCK], dtype=tl.float32)
+    m = tl.full([BLOCK // LANE_GROUP], NEG_BIG, tl.float32)
+    z = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     best = tl.full([BLOCK], -float("inf"), tl.float32)
     col = tl.zeros([BLOCK], dtype=tl.int32) + lo
-    for start in range(lo, hi, BLOCK):
+    whole = lo + (hi - lo) // BLOCK * BLOCK
+    for start in range(lo, whole, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        inside = cols < hi
-        x = tl.load(x_row + cols, mask=inside, other=-float("inf")).to(tl.float32)
-        x2 = x * scale2
-        m_new = tl.maximum(m, x2)
-        z = z * tl.exp2(m - m_new) + tl.exp2(x2 - m_new)
-        if SAMPLE == GREEDY:
-            take = (x > best) & inside
-            best = tl.where(take, x, best)
-            col = tl.where(take, cols, col)
-        m = m_new
+        x = tl.load(x_row + cols).to(tl.float32)
+        m, z, best, col = _stats_tile(x, cols, scale2, m, z, best, col, SAMPLE, BLOCK)
+    if whole < hi:
+        cols = whole + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols, mask=cols < hi, other=-float("inf")).to(tl.float32)
+        m, z, best, col = _stats_tile(x, cols, scale2, m, z, best, col, SAMPLE, BLOCK)
     m_all = tl.max(m, 0)
     top = tl.max(best, 0)
     return m_all, tl.sum(z * tl.exp2(m - m_all), 0), top, tl.min(tl.where(best == top, col, hi), 0)

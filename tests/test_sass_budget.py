@@ -16,12 +16,12 @@ from sass_budget import CASES
 
 # instructions per vocabulary column, all the kernel's loading loops together (about 10% above today's counts)
 BUDGETS = {
-    "switch_step phase 1 (statistics)": 24,
+    "switch_step phase 1 (statistics)": 15,
     "switch_step phase 2 (jsd, fkl loss and gradient; the sampling scans cold)": 36,
-    "kd_loss jsd, one program per row": 81,
-    "kd_loss fkl, one program per row": 46,
-    "kd_loss srkl (the default kind), one program per row": 79,
-    "kd_loss split phase 1 (statistics)": 24,
+    "kd_loss jsd, one program per row": 73,
+    "kd_loss fkl, one program per row": 37,
+    "kd_loss srkl (the default kind), one program per row": 71,
+    "kd_loss split phase 1 (statistics)": 15,
 }
 
 
