@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sass_budget import CASES
+from sass_budget import CASES, loops
 
 # instructions per vocabulary column, all the kernel's loading loops together (about 10% above today's counts)
 BUDGETS = {
@@ -40,3 +40,13 @@ def test_loops_stay_within_their_instruction_budget(profile, case):
     assert result["loops"], f"{case}: no loop found in the SASS of {result['kernel']}"
     assert result["per_column"] <= BUDGETS[case], (
         f"{case}: {result['per_column']} instructions per column > budget {BUDGETS[case]} ({result['loops']})")
+
+
+def test_hot_path_leaves_out_what_a_predicated_forward_branch_skips():
+    """A loop of 7 instructions whose 3 middle ones a predicated branch skips has 4 hot ones; the instructions
+    outside the loop do not count."""
+    listing = "\n".join(f"        /*{address:04x}*/    {op} ;" for address, op in [
+        (0x00, "MOV R1, R2"), (0x10, "FADD R1, R1, R2"), (0x20, "@P0 BRA 0x60"), (0x30, "FMUL R1, R1, R1"),
+        (0x40, "MUFU.EX2 R1, R1"), (0x50, "FADD R3, R3, R1"), (0x60, "LDG.E.128 R4, desc[UR4][R6.64]"),
+        (0x70, "@!P1 BRA 0x10"), (0x80, "EXIT")])
+    assert loops(listing) == [{"instructions": 7, "hot": 4, "loads": 1, "mufu": 1}]
