@@ -149,9 +149,16 @@ def split_plan(rows: int, vocab: int, device, splits: int | None = None) -> tupl
 
 
 @triton.jit
+def _stats_start(lo, BLOCK: tl.constexpr):
+    """Empty running statistics: per group max and sum, per column best logit and its column."""
+    return (tl.full([BLOCK // LANE_GROUP], NEG_BIG, tl.float32), tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32),
+            tl.full([BLOCK], -float("inf"), tl.float32), tl.zeros([BLOCK], dtype=tl.int32) + lo)
+
+
+@triton.jit
 def _stats_tile(x, cols, scale2, m, z, best, col, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-    """Fold one tile of raw logits ``x`` (-inf past the end) into the running statistics of _row_stats. The max is
-    taken on the raw logits (``scale2 > 0``), so each column costs one fused multiply-add, one exp2 and one add."""
+    """Fold one tile of raw logits ``x`` (-inf past the end) into running statistics. The max is taken on the raw
+    logits (``scale2 > 0``), so each column costs one fused multiply-add, one exp2 and one add."""
     groups = tl.reshape(x, [BLOCK // LANE_GROUP, LANE_GROUP])
     m_new = tl.maximum(m, tl.max(groups, 1) * scale2)
     z = z * tl.exp2(m - m_new) + tl.sum(tl.exp2(groups * scale2 - m_new[:, None]), 1)
@@ -163,31 +170,66 @@ def _stats_tile(x, cols, scale2, m, z, best, col, SAMPLE: tl.constexpr, BLOCK: t
 
 
 @triton.jit
+def _stats_end(m, z, best, col, hi):
+    """``(m, z, best logit, its column)`` of the row from running statistics."""
+    m_all = tl.max(m, 0)
+    top = tl.max(best, 0)
+    return m_all, tl.sum(z * tl.exp2(m - m_all), 0), top, tl.min(tl.where(best == top, col, hi), 0)
+
+
+@triton.jit
+def _load_tile(x_row, cols, hi, MASKED: tl.constexpr):
+    """A tile of logits in float32: whole tiles load without a mask (no per-trip ``-inf`` fill), the last with one."""
+    if MASKED:
+        return tl.load(x_row + cols, mask=cols < hi, other=-float("inf")).to(tl.float32)
+    else:
+        return tl.load(x_row + cols).to(tl.float32)
+
+
+@triton.jit
 def _row_stats(x_row, lo, hi, scale2, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
     """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` and, with GREEDY, the best
     raw logit and its column (ties go to the lowest column; NO_SAMPLE returns placeholders).
 
     Columns go in groups of LANE_GROUP adjacent ones, which one thread holds (its vector load): each group keeps
     a running max and sum, rescaled by ``2^(m_old - m_new)`` once per group and tile (not per column), so the loop
-    has no cross-thread reduction; the groups are combined once at the end. Whole tiles load without a mask; the
-    last, partial tile with one.
+    has no cross-thread reduction; the groups are combined once at the end.
     """
-    m = tl.full([BLOCK // LANE_GROUP], NEG_BIG, tl.float32)
-    z = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
-    best = tl.full([BLOCK], -float("inf"), tl.float32)
-    col = tl.zeros([BLOCK], dtype=tl.int32) + lo
+    m, z, best, col = _stats_start(lo, BLOCK)
     whole = lo + (hi - lo) // BLOCK * BLOCK
     for start in range(lo, whole, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(x_row + cols).to(tl.float32)
-        m, z, best, col = _stats_tile(x, cols, scale2, m, z, best, col, SAMPLE, BLOCK)
+        m, z, best, col = _stats_tile(_load_tile(x_row, cols, hi, False), cols, scale2, m, z, best, col, SAMPLE,
+                                      BLOCK)
     if whole < hi:
         cols = whole + tl.arange(0, BLOCK)
-        x = tl.load(x_row + cols, mask=cols < hi, other=-float("inf")).to(tl.float32)
-        m, z, best, col = _stats_tile(x, cols, scale2, m, z, best, col, SAMPLE, BLOCK)
-    m_all = tl.max(m, 0)
-    top = tl.max(best, 0)
-    return m_all, tl.sum(z * tl.exp2(m - m_all), 0), top, tl.min(tl.where(best == top, col, hi), 0)
+        m, z, best, col = _stats_tile(_load_tile(x_row, cols, hi, True), cols, scale2, m, z, best, col, SAMPLE, BLOCK)
+    return _stats_end(m, z, best, col, hi)
+
+
+@triton.jit
+def _pair_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`_row_stats` of a student and a teacher row in one sweep: each trip issues both loads before either
+    tile's math, so twice the bytes are in flight per thread (the sweep waits on memory latency, not bandwidth).
+    Returns the student's four values, then the teacher's."""
+    m_s, z_s, best_s, col_s = _stats_start(lo, BLOCK)
+    m_t, z_t, best_t, col_t = _stats_start(lo, BLOCK)
+    whole = lo + (hi - lo) // BLOCK * BLOCK
+    for start in range(lo, whole, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        s = _load_tile(s_row, cols, hi, False)
+        t = _load_tile(t_row, cols, hi, False)
+        m_s, z_s, best_s, col_s = _stats_tile(s, cols, scale2, m_s, z_s, best_s, col_s, SAMPLE_S, BLOCK)
+        m_t, z_t, best_t, col_t = _stats_tile(t, cols, scale2, m_t, z_t, best_t, col_t, SAMPLE_T, BLOCK)
+    if whole < hi:
+        cols = whole + tl.arange(0, BLOCK)
+        s = _load_tile(s_row, cols, hi, True)
+        t = _load_tile(t_row, cols, hi, True)
+        m_s, z_s, best_s, col_s = _stats_tile(s, cols, scale2, m_s, z_s, best_s, col_s, SAMPLE_S, BLOCK)
+        m_t, z_t, best_t, col_t = _stats_tile(t, cols, scale2, m_t, z_t, best_t, col_t, SAMPLE_T, BLOCK)
+    m_s, z_s, best_s, col_s = _stats_end(m_s, z_s, best_s, col_s, hi)
+    m_t, z_t, best_t, col_t = _stats_end(m_t, z_t, best_t, col_t, hi)
+    return m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t
 
 
 @triton.jit
@@ -242,8 +284,8 @@ def _stats_kernel(
     split = tl.program_id(1)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, V)
-    m_s, z_s, best_s, col_s = _row_stats(s_ptr + row * s_stride, lo, hi, scale2, SAMPLE_S, BLOCK)
-    m_t, z_t, best_t, col_t = _row_stats(t_ptr + row * t_stride, lo, hi, scale2, SAMPLE, BLOCK)
+    m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _pair_stats(s_ptr + row * s_stride, t_ptr + row * t_stride, lo,
+                                                                    hi, scale2, SAMPLE_S, SAMPLE, BLOCK)
     out = row * tl.num_programs(1) + split
     tl.store(stats_ptr + out * STATS, m_s)
     tl.store(stats_ptr + out * STATS + 1, z_s)
