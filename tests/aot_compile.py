@@ -72,14 +72,14 @@ def _record(launch):
 
 
 def switch_step_case(dtype, policy="exp", kind="fkl", greedy=False, scalar_args=False, has_grad=True,
-                     given_student=False):
+                     given_student=False, splits=SPLITS):
     s = torch.zeros(2, VOCAB, dtype=DTYPES[dtype], requires_grad=has_grad)
     positions = 3 if scalar_args else torch.zeros(2, dtype=torch.int64)
     keys = None if scalar_args else torch.zeros(2, dtype=torch.int64)
     given = torch.zeros(2, dtype=torch.int64) if given_student else None
     return _record(lambda: switch_step_op.switch_step_triton(
         s, s.detach(), positions, keys, policy=SwitchPolicy(policy), temperature=0.0 if greedy else 1.0, seed=0,
-        kind=kind, alpha=0.1, beta=0.5, need_grad=has_grad, splits=SPLITS, student_tokens=given))
+        kind=kind, alpha=0.1, beta=0.5, need_grad=has_grad, splits=splits, student_tokens=given))
 
 
 def kd_loss_case(dtype, kind="srkl", has_labels=True, has_grad=True, splits=1, weighted=True):
@@ -127,6 +127,7 @@ def cases():
         out[f"sm90-bf16-kd_loss-split-{kind}"] = (90, kd_loss_case, ("bf16",), {"kind": kind, "splits": SPLITS})
     out["sm90-bf16-switch_step-given-student-nograd"] = (
         90, switch_step_case, ("bf16",), {"given_student": True, "has_grad": False, "policy": "topk"})
+    out["sm90-bf16-switch_step-one-split"] = (90, switch_step_case, ("bf16",), {"splits": 1})
     out["sm90-bf16-switch_step-greedy-scalars-nograd"] = (
         90, switch_step_case, ("bf16",), {"greedy": True, "scalar_args": True, "has_grad": False})
     for splits in (1, SPLITS):
