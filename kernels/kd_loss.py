@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .divergence import FKL, INTERPRETED, _grad_sweep, _loss_sweep, _nan_unless, _zero_sweep
-from .split import NO_SAMPLE, STATS, SUMS, _combine_stats, _pair_stats, _sum_splits, autotuned, row_kernel_configs
+from .split import NO_SAMPLE, STATS, SUMS, _combine_stats, _row_stats, _sum_splits, autotuned, row_kernel_configs
 
 
 @autotuned(key=["V", "KIND"], writes_grad=True, gpu_configs=row_kernel_configs)
@@ -87,7 +87,7 @@ def _kd_loss_row(row, keep, s_ptr, t_ptr, weight_ptr, loss_ptr, grad_ptr, sync_p
     grad_row = grad_ptr + row * grad_stride
     if keep:
         if PARTS == 1:
-            m_s, z_s, _, _, m_t, z_t, _, _ = _pair_stats(s_row, t_row, 0, V, scale2, NO_SAMPLE, NO_SAMPLE, BLOCK)
+            m_s, z_s, _, _, m_t, z_t, _, _ = _row_stats(s_row, t_row, 0, V, scale2, NO_SAMPLE, NO_SAMPLE, True, BLOCK)
             lz_s = tl.log2(z_s)
             lz_t = tl.log2(z_t)
             valid = (z_s > 0) & (z_t > 0)  # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0
@@ -95,7 +95,8 @@ def _kd_loss_row(row, keep, s_ptr, t_ptr, weight_ptr, loss_ptr, grad_ptr, sync_p
             for p in range(first, last):
                 lo = p * width
                 hi = tl.minimum(lo + width, V)
-                m_s, z_s, _, _, m_t, z_t, _, _ = _pair_stats(s_row, t_row, lo, hi, scale2, NO_SAMPLE, NO_SAMPLE, BLOCK)
+                m_s, z_s, _, _, m_t, z_t, _, _ = _row_stats(s_row, t_row, lo, hi, scale2, NO_SAMPLE, NO_SAMPLE, True,
+                                                            BLOCK)
                 tl.store(part_stats + p * STATS, m_s)
                 tl.store(part_stats + p * STATS + 1, z_s)
                 tl.store(part_stats + p * STATS + 2, m_t)

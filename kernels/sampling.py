@@ -88,7 +88,8 @@ def _sample_kernel(
     else:
         pos = position if POS_SCALAR else tl.load(positions_ptr + row)
         u = _row_uniform(seed_key, row if KEYS_ARANGE else tl.load(row_keys_ptr + row), pos, MODEL)
-        m, z, _top, _col = _row_stats(x_row, 0, V, scale2, NO_SAMPLE, BLOCK)
+        m, z, _top, _col, _m, _z, _best, _best_col = _row_stats(x_row, x_row, 0, V, scale2, NO_SAMPLE, NO_SAMPLE, False,
+                                                                BLOCK)
         lz = tl.log2(z)
         running = tl.zeros([], tl.float32)
         token = tl.full([], NO_TOKEN, tl.int32)

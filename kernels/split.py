@@ -187,46 +187,43 @@ def _load_tile(x_row, cols, hi, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(x_row, lo, hi, scale2, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-    """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` and, with GREEDY, the best
-    raw logit and its column (ties go to the lowest column; NO_SAMPLE returns placeholders).
-
-    Columns go in groups of LANE_GROUP adjacent ones, which one thread holds (its vector load): each group keeps
-    a running max and sum, rescaled by ``2^(m_old - m_new)`` once per group and tile (not per column), so the loop
-    has no cross-thread reduction; the groups are combined once at the end.
-    """
-    m, z, best, col = _stats_start(lo, BLOCK)
-    whole = lo + (hi - lo) // BLOCK * BLOCK
-    for start in range(lo, whole, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        m, z, best, col = _stats_tile(_load_tile(x_row, cols, hi, False), cols, scale2, m, z, best, col, SAMPLE,
-                                      BLOCK)
-    if whole < hi:
-        cols = whole + tl.arange(0, BLOCK)
-        m, z, best, col = _stats_tile(_load_tile(x_row, cols, hi, True), cols, scale2, m, z, best, col, SAMPLE, BLOCK)
-    return _stats_end(m, z, best, col, hi)
+def _stats_trip(s_row, t_row, cols, hi, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
+                SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr, MASKED: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """One trip of :func:`_row_stats`: both loads are issued before either tile's math."""
+    s = _load_tile(s_row, cols, hi, MASKED)
+    if PAIR:
+        t = _load_tile(t_row, cols, hi, MASKED)
+    m_s, z_s, best_s, col_s = _stats_tile(s, cols, scale2, m_s, z_s, best_s, col_s, SAMPLE_S, BLOCK)
+    if PAIR:
+        m_t, z_t, best_t, col_t = _stats_tile(t, cols, scale2, m_t, z_t, best_t, col_t, SAMPLE_T, BLOCK)
+    return m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t
 
 
 @triton.jit
-def _pair_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, BLOCK: tl.constexpr):
-    """:func:`_row_stats` of a student and a teacher row in one sweep: each trip issues both loads before either
-    tile's math, so twice the bytes are in flight per thread (the sweep waits on memory latency, not bandwidth).
-    Returns the student's four values, then the teacher's."""
+def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` of the student row and, with
+    PAIR, of the teacher row in the same sweep, and with GREEDY the best raw logit and its column (ties go to the
+    lowest column; NO_SAMPLE returns placeholders). Returns the student's four values, then the teacher's
+    (placeholders without PAIR).
+
+    Columns go in groups of LANE_GROUP adjacent ones, which one thread holds (its vector load): each group keeps
+    a running max and sum, rescaled by ``2^(m_old - m_new)`` once per group and tile (not per column), so the loop
+    has no cross-thread reduction; the groups are combined once at the end. With PAIR each trip issues both rows'
+    loads before either tile's math: twice the bytes in flight per thread (the sweep waits on memory latency).
+    """
     m_s, z_s, best_s, col_s = _stats_start(lo, BLOCK)
     m_t, z_t, best_t, col_t = _stats_start(lo, BLOCK)
     whole = lo + (hi - lo) // BLOCK * BLOCK
     for start in range(lo, whole, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        s = _load_tile(s_row, cols, hi, False)
-        t = _load_tile(t_row, cols, hi, False)
-        m_s, z_s, best_s, col_s = _stats_tile(s, cols, scale2, m_s, z_s, best_s, col_s, SAMPLE_S, BLOCK)
-        m_t, z_t, best_t, col_t = _stats_tile(t, cols, scale2, m_t, z_t, best_t, col_t, SAMPLE_T, BLOCK)
+        m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
+            s_row, t_row, start + tl.arange(0, BLOCK), hi, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
+            SAMPLE_S, SAMPLE_T, PAIR, False, BLOCK)
     if whole < hi:
-        cols = whole + tl.arange(0, BLOCK)
-        s = _load_tile(s_row, cols, hi, True)
-        t = _load_tile(t_row, cols, hi, True)
-        m_s, z_s, best_s, col_s = _stats_tile(s, cols, scale2, m_s, z_s, best_s, col_s, SAMPLE_S, BLOCK)
-        m_t, z_t, best_t, col_t = _stats_tile(t, cols, scale2, m_t, z_t, best_t, col_t, SAMPLE_T, BLOCK)
+        m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
+            s_row, t_row, whole + tl.arange(0, BLOCK), hi, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
+            SAMPLE_S, SAMPLE_T, PAIR, True, BLOCK)
     m_s, z_s, best_s, col_s = _stats_end(m_s, z_s, best_s, col_s, hi)
     m_t, z_t, best_t, col_t = _stats_end(m_t, z_t, best_t, col_t, hi)
     return m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t
@@ -284,8 +281,8 @@ def _stats_kernel(
     split = tl.program_id(1)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, V)
-    m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _pair_stats(s_ptr + row * s_stride, t_ptr + row * t_stride, lo,
-                                                                    hi, scale2, SAMPLE_S, SAMPLE, BLOCK)
+    m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _row_stats(s_ptr + row * s_stride, t_ptr + row * t_stride, lo,
+                                                                   hi, scale2, SAMPLE_S, SAMPLE, True, BLOCK)
     out = row * tl.num_programs(1) + split
     tl.store(stats_ptr + out * STATS, m_s)
     tl.store(stats_ptr + out * STATS + 1, z_s)

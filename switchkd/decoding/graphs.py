@@ -150,10 +150,7 @@ class StaticDecoder:
         return self.ws.state
 
     def _workspace(self, rows: int, width: int) -> Workspace:
-        request = self.request
-        state = DecodeState.empty(rows + 1, request.max_new_tokens + request.draft_len, len(request.eos), self.device,
-                                  self.pair.teacher_head() if request.teacher_hidden else None)
-        return Workspace(state, width)
+        return Workspace(DecodeState.empty(rows + 1, self.request, self.device, self.pair.teacher_head()), width)
 
     def block(self, state: DecodeState, ids: list[int], active: list[int], k: int,
               stats: DecodeStats) -> list[list[int]]:
@@ -244,4 +241,3 @@ def _leave_rng_capture_mode(device: torch.device) -> None:
         with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
             torch.zeros(1, device=device).add_(1)
         del graph
-

@@ -155,9 +155,7 @@ class EagerDecoder:
         self.device = pair.student.device
 
     def new_state(self, keys: list[int], prompts: list[list[int]]) -> DecodeState:
-        width = self.request.max_new_tokens + self.request.draft_len
-        state = DecodeState.empty(len(prompts), width, len(self.request.eos), self.device,
-                                  self.pair.teacher_head() if self.request.teacher_hidden else None)
+        state = DecodeState.empty(len(prompts), self.request, self.device, self.pair.teacher_head())
         state.load_(keys, prompts, self.request)
         return state
 

@@ -65,15 +65,20 @@ class DecodeState:
     teacher_hidden: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, rows: int, width: int, num_eos: int, device, hidden: torch.Tensor | None = None) -> DecodeState:
-        """``hidden``: the teacher's LM-head weight ``[V, H]`` when its hidden states are kept (their size, dtype)."""
+    def empty(cls, rows: int, request: Request, device, teacher_head: torch.Tensor) -> DecodeState:
+        """Zeroed state for ``rows`` rows of ``request`` (room for its tokens and one draft block); ``teacher_head``:
+        the teacher's LM-head weight ``[V, H]``, the size and dtype of the hidden states the request may keep."""
+        width = request.max_new_tokens + request.draft_len
+
         def ints(*shape):
             return torch.zeros(shape, dtype=torch.int64, device=device)
 
-        teacher_hidden = None if hidden is None else hidden.new_zeros(rows, width, hidden.shape[1], device=device)
+        teacher_hidden = None
+        if request.teacher_hidden:
+            teacher_hidden = teacher_head.new_zeros(rows, width, teacher_head.shape[1], device=device)
         return cls(ints(rows), ints(rows), ints(rows), ints(rows), ints(rows, width),
                    torch.zeros(rows, width, dtype=torch.bool, device=device),
-                   torch.full((rows, width), float("nan"), device=device), ints(num_eos),
+                   torch.full((rows, width), float("nan"), device=device), ints(len(request.eos)),
                    teacher_hidden=teacher_hidden)
 
     def load_(self, keys: list[int], prompts: list[list[int]], request: Request):

@@ -44,10 +44,13 @@ def _row_inputs(positions, row_keys, fallback: torch.Tensor) -> dict:
     }
 
 
-def _workspace(batch: int, n_splits: int, device) -> dict:
-    """Per-split buffers the phases hand to each other: statistics, sampling candidates, partial sums."""
-    f32 = {"device": device, "dtype": torch.float32}
-    return {"stats_ptr": torch.empty(batch, n_splits, 4, **f32), "cand_ptr": torch.empty(batch, n_splits, 2, **f32),
+def _workspace(batch: int, n_splits: int, device, greedy: bool) -> dict:
+    """Per-split buffers the first launch hands to the second: statistics and, for greedy decoding, each split's
+    argmax candidate (sampling reads none: the statistics buffer stands in)."""
+    stats = torch.empty(batch, n_splits, 4, device=device, dtype=torch.float32)
+    if not greedy:
+        return {"stats_ptr": stats, "cand_ptr": stats, "cand_col_ptr": stats}
+    return {"stats_ptr": stats, "cand_ptr": torch.empty(batch, n_splits, 2, device=device, dtype=torch.float32),
             "cand_col_ptr": torch.empty(batch, n_splits, 2, device=device, dtype=torch.int32)}
 
 
@@ -76,7 +79,7 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
     if batch == 0:
         return step, grad
     n_splits, chunk = split_plan(batch, vocab, device, splits)
-    work, rows = _workspace(batch, n_splits, device), _row_inputs(positions, row_keys, s_tokens)
+    work, rows = _workspace(batch, n_splits, device, greedy), _row_inputs(positions, row_keys, s_tokens)
     sums = torch.empty(batch, n_splits, 4, device=device, dtype=torch.float32)
     inv_temp = 1.0 / temperature if temperature > 0 else 1.0
     # one rounding of the base-2 scale, shared by every phase (and by ``sample``)
