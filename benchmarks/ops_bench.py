@@ -41,7 +41,8 @@ def switch_step_providers(device, compile_reference):
 
     providers = {"switchkd": fused, "eager": eager}
     if compile_reference:
-        providers["compiled"] = torch.compile(eager)
+        # One static graph per size: Inductor's dynamic-batch graph of this step does not build (torch 2.11, CUDA).
+        providers["compiled"] = torch.compile(eager, dynamic=False)
     return providers
 
 
@@ -54,7 +55,7 @@ def kd_loss_providers(device, compile_reference):
 
     providers = {"switchkd": fused, "eager": eager}
     if compile_reference:
-        compiled = torch.compile(reference.kd_loss)
+        compiled = torch.compile(reference.kd_loss, dynamic=False)
         providers["compiled"] = lambda s, t: compiled(s, t, kind="jsd", beta=0.5).backward()
     jsd = liger_jsd() if device == "cuda" else None
     if jsd is not None:

@@ -28,6 +28,7 @@ NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
 LOG2P_FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
 FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # floor of mixture probabilities: their log is finite
 INTERPRETED: tl.constexpr = tl.constexpr(interpreted())
+LANE_GROUP: tl.constexpr = tl.constexpr(8)  # adjacent columns one thread loads (16 B of bf16) and reduces alone
 
 
 @triton.jit
@@ -126,28 +127,39 @@ def _tile_start(i, lo, n_tiles, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load2(s_row, t_row, cols, mask, scale2):
-    """Both models' base-2 scores of a tile (-inf outside ``mask``), in float32."""
-    s2 = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32) * scale2
-    t2 = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32) * scale2
-    return s2, t2
+def _fold(x, BLOCK: tl.constexpr):
+    """A tile's per-column values summed over each thread's LANE_GROUP adjacent columns (no cross-thread traffic):
+    running sums kept this way take one register per group instead of one per column."""
+    return tl.sum(tl.reshape(x, [BLOCK // LANE_GROUP, LANE_GROUP]), 1)
+
+
+@triton.jit
+def _prefetch(s_row, t_row, i, lo, hi, n_tiles, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Both rows' raw tiles ``i`` (logits dtype, -inf past ``hi``; nothing is read when ``i == n_tiles``). A sweep
+    loads tile ``i + 1`` before the math of tile ``i``, so each thread has a tile of loads in flight while it
+    computes: without it every trip waits a full memory latency (measured on an H200: 16 warps per SM, 0.43
+    instructions per cycle per scheduler)."""
+    cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
+    mask = (cols >= lo) & (cols < hi)  # tile n_tiles lies past hi, or (REVERSE) before lo
+    return (tl.load(s_row + cols, mask=mask, other=-float("inf")),
+            tl.load(t_row + cols, mask=mask, other=-float("inf")))
 
 
 @triton.jit
 def _loss_tile(s2, t2, cols, mask, grad_row, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, loss_acc, g_acc,
-               KIND: tl.constexpr, HAS_GRAD: tl.constexpr):
+               KIND: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     """One tile of the loss sweep: accumulate the loss terms and either store the fkl gradient
     ``(p_S - p_T) * grad_scale`` (``1 / T`` times the reduction's weight) or accumulate the centring term
-    ``p_S * g``. Returns the tile's probabilities too."""
+    ``p_S * g`` (both sums folded per lane group). Returns the tile's probabilities too."""
     log_ps, ps = _log_probs(s2, m_s, lz_s)
     log_pt, pt = _log_probs(t2, m_t, lz_t)
     terms, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
-    loss_acc += terms  # columns past the end load -inf: p = 0 there, and so is every term
+    loss_acc += _fold(terms, BLOCK)  # columns past the end load -inf: p = 0 there, and so is every term
     if HAS_GRAD:
         if KIND == FKL:
             tl.store(grad_row + cols, ((ps - pt) * grad_scale).to(grad_row.dtype.element_ty), mask=mask)
         else:
-            g_acc += ps * g
+            g_acc += _fold(ps * g, BLOCK)
     return loss_acc, g_acc, log_ps, ps, log_pt, pt
 
 
@@ -161,15 +173,17 @@ def _loss_sweep(
 ):
     """Loss terms and centring sum ``sum(p_S * g)`` over columns ``[lo, hi)``: two exp2 per logit pair,
     plus one log for the mixture kinds."""
-    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    g_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    loss_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
+    g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     n_tiles = tl.cdiv(hi - lo, BLOCK)
+    s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, REVERSE, BLOCK)
     for i in range(0, n_tiles):
+        s_raw, t_raw = s_next, t_next
+        s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, REVERSE, BLOCK)
         cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
-        mask = cols < hi
-        s2, t2 = _load2(s_row, t_row, cols, mask, scale2)
-        loss_acc, g_acc, _, _, _, _ = _loss_tile(s2, t2, cols, mask, grad_row, grad_scale, m_s, lz_s, m_t, lz_t,
-                                                 alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD)
+        loss_acc, g_acc, _, _, _, _ = _loss_tile(s_raw.to(tl.float32) * scale2, t_raw.to(tl.float32) * scale2, cols,
+                                                 cols < hi, grad_row, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta,
+                                                 loss_acc, g_acc, KIND, HAS_GRAD, BLOCK)
     return tl.sum(loss_acc, 0), tl.sum(g_acc, 0)
 
 
@@ -182,15 +196,18 @@ def _grad_sweep(
     KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Gradient sweep over ``[lo, hi)`` for kinds whose gradient needs ``g_mean = sum(p_S * g)``:
-    ``p_S (g - g_mean) * grad_scale`` (``1 / T`` times the reduction's weight)."""
-    for start in range(lo, hi, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < hi
-        s2, t2 = _load2(s_row, t_row, cols, mask, scale2)
-        log_ps, ps = _log_probs(s2, m_s, lz_s)
-        log_pt, pt = _log_probs(t2, m_t, lz_t)
+    ``p_S (g - g_mean) * grad_scale`` (``1 / T`` times the reduction's weight). Each tile is read (a trip ahead)
+    before it is written, so ``grad_row`` may be ``s_row``."""
+    n_tiles = tl.cdiv(hi - lo, BLOCK)
+    s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, False, BLOCK)
+    for i in range(0, n_tiles):
+        s_raw, t_raw = s_next, t_next
+        s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, False, BLOCK)
+        cols = lo + i * BLOCK + tl.arange(0, BLOCK)
+        log_ps, ps = _log_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
+        log_pt, pt = _log_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
         _, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
-        tl.store(grad_row + cols, (ps * (g - g_mean) * grad_scale).to(grad_row.dtype.element_ty), mask=mask)
+        tl.store(grad_row + cols, (ps * (g - g_mean) * grad_scale).to(grad_row.dtype.element_ty), mask=cols < hi)
 
 
 @triton.jit

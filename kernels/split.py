@@ -21,7 +21,7 @@ import triton.language as tl
 
 from switchkd.ops.spec import triton_interpreted as interpreted
 
-from .divergence import NEG_BIG, _grad_sweep, _nan_unless, _zero_sweep
+from .divergence import LANE_GROUP, NEG_BIG, _grad_sweep, _nan_unless, _zero_sweep
 
 # Modes of the statistics sweep: statistics only, or also each chunk's argmax (greedy decoding).
 NO_SAMPLE: tl.constexpr = tl.constexpr(0)
@@ -29,7 +29,6 @@ GREEDY: tl.constexpr = tl.constexpr(2)
 
 STATS: tl.constexpr = tl.constexpr(4)  # per split: m_s, z_s, m_t, z_t (base 2)
 SUMS: tl.constexpr = tl.constexpr(4)  # per split: loss, sum(p_S g), jsd, teacher rank of the student token
-LANE_GROUP: tl.constexpr = tl.constexpr(8)  # adjacent columns one thread loads (16 B of bf16) and reduces alone
 MAX_SPLITS = 128
 COL_ALIGN = 128  # chunk boundaries fall on multiples of this many columns
 
@@ -178,25 +177,24 @@ def _stats_end(m, z, best, col, hi):
 
 
 @triton.jit
-def _load_tile(x_row, cols, hi, MASKED: tl.constexpr):
-    """A tile of logits in float32: whole tiles load without a mask (no per-trip ``-inf`` fill), the last with one."""
-    if MASKED:
-        return tl.load(x_row + cols, mask=cols < hi, other=-float("inf")).to(tl.float32)
-    else:
-        return tl.load(x_row + cols).to(tl.float32)
+def _whole_tiles(s_row, t_row, start, whole, PAIR: tl.constexpr, BLOCK: tl.constexpr):
+    """Raw tiles at ``start`` of both rows (the student's twice without PAIR), read only when ``start < whole``, so
+    whole tiles load with one uniform predicate and no ``-inf`` fill. :func:`_row_stats` loads a trip ahead."""
+    cols = start + tl.arange(0, BLOCK)
+    inside = tl.full([BLOCK], start, tl.int32) < whole  # uniform over the tile: the loads stay 16-byte vectors
+    s = tl.load(s_row + cols, mask=inside)
+    t = tl.load(t_row + cols, mask=inside) if PAIR else s
+    return s, t
 
 
 @triton.jit
-def _stats_trip(s_row, t_row, cols, hi, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
-                SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr, MASKED: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """One trip of :func:`_row_stats`: both loads are issued before either tile's math."""
-    s = _load_tile(s_row, cols, hi, MASKED)
+def _stats_trip(s, t, cols, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
+                SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr, BLOCK: tl.constexpr):
+    """One trip of :func:`_row_stats` over loaded raw tiles."""
+    m_s, z_s, best_s, col_s = _stats_tile(s.to(tl.float32), cols, scale2, m_s, z_s, best_s, col_s, SAMPLE_S, BLOCK)
     if PAIR:
-        t = _load_tile(t_row, cols, hi, MASKED)
-    m_s, z_s, best_s, col_s = _stats_tile(s, cols, scale2, m_s, z_s, best_s, col_s, SAMPLE_S, BLOCK)
-    if PAIR:
-        m_t, z_t, best_t, col_t = _stats_tile(t, cols, scale2, m_t, z_t, best_t, col_t, SAMPLE_T, BLOCK)
+        m_t, z_t, best_t, col_t = _stats_tile(t.to(tl.float32), cols, scale2, m_t, z_t, best_t, col_t, SAMPLE_T,
+                                              BLOCK)
     return m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t
 
 
@@ -210,20 +208,25 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
 
     Columns go in groups of LANE_GROUP adjacent ones, which one thread holds (its vector load): each group keeps
     a running max and sum, rescaled by ``2^(m_old - m_new)`` once per group and tile (not per column), so the loop
-    has no cross-thread reduction; the groups are combined once at the end. With PAIR each trip issues both rows'
-    loads before either tile's math: twice the bytes in flight per thread (the sweep waits on memory latency).
+    has no cross-thread reduction; the groups are combined once at the end. Whole tiles load a trip ahead of their
+    math, both rows at once: the sweep would otherwise wait a memory latency per trip.
     """
     m_s, z_s, best_s, col_s = _stats_start(lo, BLOCK)
     m_t, z_t, best_t, col_t = _stats_start(lo, BLOCK)
     whole = lo + (hi - lo) // BLOCK * BLOCK
+    s_next, t_next = _whole_tiles(s_row, t_row, lo, whole, PAIR, BLOCK)
     for start in range(lo, whole, BLOCK):
+        s, t = s_next, t_next
+        s_next, t_next = _whole_tiles(s_row, t_row, start + BLOCK, whole, PAIR, BLOCK)
         m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
-            s_row, t_row, start + tl.arange(0, BLOCK), hi, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
-            SAMPLE_S, SAMPLE_T, PAIR, False, BLOCK)
+            s, t, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
+            SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
     if whole < hi:
+        cols = whole + tl.arange(0, BLOCK)
+        s = tl.load(s_row + cols, mask=cols < hi, other=-float("inf"))
+        t = tl.load(t_row + cols, mask=cols < hi, other=-float("inf")) if PAIR else s
         m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
-            s_row, t_row, whole + tl.arange(0, BLOCK), hi, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
-            SAMPLE_S, SAMPLE_T, PAIR, True, BLOCK)
+            s, t, cols, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
     m_s, z_s, best_s, col_s = _stats_end(m_s, z_s, best_s, col_s, hi)
     m_t, z_t, best_t, col_t = _stats_end(m_t, z_t, best_t, col_t, hi)
     return m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t

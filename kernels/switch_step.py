@@ -14,7 +14,7 @@ Launches over a ``(B, S)`` grid (``switchkd.kernels.split``):
 import triton
 import triton.language as tl
 
-from .divergence import NEG_BIG, _jsd_terms, _load2, _loss_tile, _nan_unless
+from .divergence import LANE_GROUP, NEG_BIG, _fold, _jsd_terms, _loss_tile, _nan_unless, _prefetch
 from .sampling import NO_TOKEN, _cdf_tile, _row_uniform, _scan_result
 from .split import STATS, SUMS, _combine_stats, _sum_splits, autotuned
 
@@ -106,20 +106,23 @@ def _switch_step_kernel(
         t_at_student = tl.load(t_row + tok_s, mask=(tok_s >= 0) & (tok_s < V), other=-float("inf")).to(tl.float32)
 
     grad_scale = _nan_unless(valid, inv_temp)
-    jsd_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    g_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    rank_acc = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(lo, hi, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < hi
-        s2, t2 = _load2(s_row, t_row, cols, mask, scale2)
-        loss_acc, g_acc, log_ps, ps, log_pt, pt = _loss_tile(s2, t2, cols, mask, grad_row, grad_scale, m_s, lz_s, m_t,
-                                                             lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD)
-        jsd_acc += _jsd_terms(log_ps, ps, log_pt, pt)
+    jsd_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
+    loss_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
+    g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
+    rank_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.int32)
+    n_tiles = tl.cdiv(hi - lo, BLOCK)
+    s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, False, BLOCK)
+    for i in range(0, n_tiles):
+        s_raw, t_raw = s_next, t_next
+        s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, False, BLOCK)
+        cols = lo + i * BLOCK + tl.arange(0, BLOCK)
+        t = t_raw.to(tl.float32)
+        loss_acc, g_acc, log_ps, ps, log_pt, pt = _loss_tile(s_raw.to(tl.float32) * scale2, t * scale2, cols,
+                                                             cols < hi, grad_row, grad_scale, m_s, lz_s, m_t, lz_t,
+                                                             alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD, BLOCK)
+        jsd_acc += _fold(_jsd_terms(log_ps, ps, log_pt, pt), BLOCK)
         if TOPK:  # on the raw logits, as the reference ranks them
-            t = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
-            rank_acc += (t > t_at_student).to(tl.int32)
+            rank_acc += _fold((t > t_at_student).to(tl.int32), BLOCK)
         if not GREEDY:
             if scan_s & (found_s == NO_TOKEN):
                 run_s, found_s, last_s = _cdf_tile(ps, cols, run_s, u_s, found_s, last_s)

@@ -19,7 +19,7 @@ BUDGETS = {
     "switch_step phase 1 (statistics)": 15,
     "switch_step phase 2 (jsd, fkl loss and gradient; the sampling scans cold)": 36,
     "kd_loss jsd, one program per row": 72,
-    "kd_loss fkl, one program per row": 36,
+    "kd_loss fkl, one program per row": 38,
     "kd_loss srkl (the default kind), one program per row": 70,
     "kd_loss split phase 1 (statistics)": 15,
 }

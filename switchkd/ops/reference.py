@@ -67,12 +67,15 @@ def _rows_and_keys(batch: int, device, positions, row_keys):
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row of ``probs [B, V]``, the first column with ``p > 0`` whose cumulative sum passes ``u[b]``; the last
-    column with ``p > 0`` when rounding leaves the total at or below ``u``; 0 when no ``p`` is positive (NaN)."""
-    live = probs > 0
-    passed = (probs.cumsum(-1) > u[:, None]) & live
-    last = torch.where(live.any(-1), probs.shape[-1] - 1 - live.flip(-1).to(torch.uint8).argmax(-1), 0)
-    return torch.where(passed.any(-1), passed.to(torch.uint8).argmax(-1), last)
+    """Per row of ``probs [B, V]``, the first column whose cumulative sum passes ``u[b]`` (a column of ``p > 0``:
+    the sum only grows there), i.e. the number of columns whose sum stays at or below ``u``; the last column with
+    ``p > 0`` when rounding leaves the total at or below ``u``; 0 when no ``p`` is positive (NaN). Written as
+    sums and maxima, which ``torch.compile`` fuses (its argmax over a scan does not build on CUDA)."""
+    vocab = probs.shape[-1]
+    first = (probs.cumsum(-1) <= u[:, None]).sum(-1)
+    columns = torch.arange(vocab, device=probs.device)
+    last = torch.where(probs > 0, columns, 0).amax(-1)
+    return torch.where(first < vocab, first, last)
 
 
 def sample(logits, positions=0, *, temperature=1.0, seed=0, row_keys=None, model=STUDENT):
