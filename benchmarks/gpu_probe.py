@@ -1,8 +1,9 @@
 """GPU probe (one device call): where the kd_loss and switch-step kernels spend their time.
 
-``python benchmarks/gpu_probe.py time``: do_bench of kd_loss per kind / without gradient at 8192 x 128256 bf16 and
-of the torch.compile'd reference switch step; ``python benchmarks/gpu_probe.py ncu``: one launch of each kernel
-with a fixed config, for ``ncu`` to read its counters."""
+``python benchmarks/gpu_probe.py time``: do_bench of kd_loss per kind / without gradient at 8192 x 128256 bf16, of
+the jsd kernel pinned to lower register caps (more warps per SM; they compile without spills only with the JIT's
+divisibility specialisation, so they are not in the autotuner's list), and of the compiled reference switch step;
+``python benchmarks/gpu_probe.py ncu``: one launch of each kernel with a fixed config, for ``ncu``."""
 
 import sys
 
@@ -41,6 +42,16 @@ def timings():
         bench(f"kd_loss {kind} fwd+bwd 8192x128256", step)
         for config, ms in sorted(_kd_loss_kernel.configs_timings.items(), key=lambda kv: kv[1][0])[:4]:
             print(f"  tuning {kind}: {config} -> {ms[0]:.3f} ms")
+    configs = _kd_loss_kernel.configs
+    for maxnreg in (64, 80):
+        fix(_kd_loss_kernel, BLOCK=2048, ROWS_PER_SM=0, PARTS=1, num_warps=8, maxnreg=maxnreg)
+
+        def pinned():
+            s.grad = None
+            switchkd.kd_loss(s, t, kind="jsd", beta=0.5).backward()
+        bench(f"kd_loss jsd fwd+bwd 8192x128256 pinned BLOCK 2048, 8 warps, maxnreg {maxnreg}", pinned)
+    _kd_loss_kernel.configs = configs
+    _kd_loss_kernel.cache.clear()
     frozen = s.detach()
     bench("kd_loss jsd fwd only 8192x128256", lambda s=frozen, t=t: switchkd.kd_loss(s, t, kind="jsd", beta=0.5))
     del s, t, frozen
@@ -64,6 +75,7 @@ def fix(kernel, **kw):
     """Pin an autotuned kernel to one config (no tuning launches for ncu to see)."""
     meta = {k: v for k, v in kw.items() if k not in ("num_warps", "maxnreg")}
     kernel.configs = [triton.Config(meta, num_warps=kw["num_warps"], num_stages=2, maxnreg=kw["maxnreg"])]
+    kernel.cache.clear()  # the config already tuned for a key would otherwise be reused
 
 
 def one_launch_each():
