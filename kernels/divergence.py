@@ -170,16 +170,21 @@ def _loss_sweep(
     grad_row,  # [V] output: fkl gradient (written only when HAS_GRAD and KIND == FKL)
     lo, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta,
     KIND: tl.constexpr, HAS_GRAD: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+    PREFETCH: tl.constexpr = True,
 ):
     """Loss terms and centring sum ``sum(p_S * g)`` over columns ``[lo, hi)``: two exp2 per logit pair,
-    plus one log for the mixture kinds."""
+    plus one log for the mixture kinds. ``PREFETCH``: load a tile ahead (see :func:`_prefetch`)."""
     loss_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     n_tiles = tl.cdiv(hi - lo, BLOCK)
-    s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, REVERSE, BLOCK)
+    if PREFETCH:
+        s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, REVERSE, BLOCK)
     for i in range(0, n_tiles):
-        s_raw, t_raw = s_next, t_next
-        s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, REVERSE, BLOCK)
+        if PREFETCH:
+            s_raw, t_raw = s_next, t_next
+            s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, REVERSE, BLOCK)
+        else:
+            s_raw, t_raw = _prefetch(s_row, t_row, i, lo, hi, n_tiles, REVERSE, BLOCK)
         cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
         loss_acc, g_acc, _, _, _, _ = _loss_tile(s_raw.to(tl.float32) * scale2, t_raw.to(tl.float32) * scale2, cols,
                                                  cols < hi, grad_row, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta,
@@ -193,16 +198,20 @@ def _grad_sweep(
     t_row,  # [V] teacher logits of this row
     grad_row,  # [V] output: d loss / d student logits
     lo, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, g_mean, alpha, beta,
-    KIND: tl.constexpr, BLOCK: tl.constexpr,
+    KIND: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr = True,
 ):
     """Gradient sweep over ``[lo, hi)`` for kinds whose gradient needs ``g_mean = sum(p_S * g)``:
-    ``p_S (g - g_mean) * grad_scale`` (``1 / T`` times the reduction's weight). Each tile is read (a trip ahead)
-    before it is written, so ``grad_row`` may be ``s_row``."""
+    ``p_S (g - g_mean) * grad_scale`` (``1 / T`` times the reduction's weight). Each tile is read (with
+    ``PREFETCH``, a trip ahead) before it is written, so ``grad_row`` may be ``s_row``."""
     n_tiles = tl.cdiv(hi - lo, BLOCK)
-    s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, False, BLOCK)
+    if PREFETCH:
+        s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, False, BLOCK)
     for i in range(0, n_tiles):
-        s_raw, t_raw = s_next, t_next
-        s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, False, BLOCK)
+        if PREFETCH:
+            s_raw, t_raw = s_next, t_next
+            s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, False, BLOCK)
+        else:
+            s_raw, t_raw = _prefetch(s_row, t_row, i, lo, hi, n_tiles, False, BLOCK)
         cols = lo + i * BLOCK + tl.arange(0, BLOCK)
         log_ps, ps = _log_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
         log_pt, pt = _log_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)

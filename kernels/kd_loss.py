@@ -96,7 +96,7 @@ def _kd_loss_row(row, keep, s_ptr, t_ptr, weight_ptr, loss_ptr, grad_ptr, sync_p
                 lo = p * width
                 hi = tl.minimum(lo + width, V)
                 m_s, z_s, _, _, m_t, z_t, _, _ = _row_stats(s_row, t_row, lo, hi, scale2, NO_SAMPLE, NO_SAMPLE, True,
-                                                            BLOCK)
+                                                            BLOCK, False)
                 tl.store(part_stats + p * STATS, m_s)
                 tl.store(part_stats + p * STATS + 1, z_s)
                 tl.store(part_stats + p * STATS + 2, m_t)
@@ -112,7 +112,7 @@ def _kd_loss_row(row, keep, s_ptr, t_ptr, weight_ptr, loss_ptr, grad_ptr, sync_p
                 lo = p * width
                 part_loss, part_g = _loss_sweep(s_row, t_row, grad_row, lo, tl.minimum(lo + width, V), scale2,
                                                 grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, KIND, HAS_GRAD, True,
-                                                BLOCK)
+                                                BLOCK, False)
                 tl.store(part_sums + p * SUMS, part_loss)
                 tl.store(part_sums + p * SUMS + 1, part_g)
             _meet(sync_ptr, group, meetings + 1, PARTS)
@@ -124,7 +124,7 @@ def _kd_loss_row(row, keep, s_ptr, t_ptr, weight_ptr, loss_ptr, grad_ptr, sync_p
             for p in range(first, last):
                 lo = p * width
                 _grad_sweep(s_row, t_row, grad_row, lo, tl.minimum(lo + width, V), scale2, grad_scale, m_s, lz_s, m_t,
-                            lz_t, g_mean, alpha, beta, KIND, BLOCK)
+                            lz_t, g_mean, alpha, beta, KIND, BLOCK, PARTS == 1)
     else:
         if first == 0:
             tl.store(loss_ptr + row, 0.0)

@@ -55,7 +55,9 @@ def row_kernel_configs():
     # (BLOCK, ROWS_PER_SM, PARTS, warps, maxnreg). Measured on an H200: 8 warps per SM leave the sweeps waiting on
     # memory (9.5 ms against 5.8 with 16 at 8192 x 128256 jsd), so the groups keep 16 warps per SM with 66 rows
     # in flight (registers: programs per SM x threads x maxnreg <= 65536).
-    persistent = [(2048, 1, 1, 8, 255), (4096, 1, 1, 8, 255), (2048, 2, 1, 8, 255),
+    # The groups' sweeps load no tile ahead: their programs must all be resident (they wait on one another), so they
+    # stay within 128 registers, which a tile ahead would spill (kd_loss.py).
+    persistent = [(2048, 1, 1, 8, 255), (2048, 2, 1, 8, 255),
                   (2048, 2, 4, 8, 128), (2048, 1, 2, 16, 128), (1024, 4, 8, 4, 128)]
     if os.environ.get("SWITCHKD_ROW_GROUPS", "1") == "0":  # a switch to rule the program groups out when debugging
         persistent = [c for c in persistent if c[2] == 1]
@@ -200,7 +202,7 @@ def _stats_trip(s, t, cols, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, c
 
 @triton.jit
 def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr,
-               BLOCK: tl.constexpr):
+               BLOCK: tl.constexpr, PREFETCH: tl.constexpr = True):
     """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` of the student row and, with
     PAIR, of the teacher row in the same sweep, and with GREEDY the best raw logit and its column (ties go to the
     lowest column; NO_SAMPLE returns placeholders). Returns the student's four values, then the teacher's
@@ -209,15 +211,19 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
     Columns go in groups of LANE_GROUP adjacent ones, which one thread holds (its vector load): each group keeps
     a running max and sum, rescaled by ``2^(m_old - m_new)`` once per group and tile (not per column), so the loop
     has no cross-thread reduction; the groups are combined once at the end. Whole tiles load a trip ahead of their
-    math, both rows at once: the sweep would otherwise wait a memory latency per trip.
+    math (``PREFETCH``), both rows at once: the sweep would otherwise wait a memory latency per trip.
     """
     m_s, z_s, best_s, col_s = _stats_start(lo, BLOCK)
     m_t, z_t, best_t, col_t = _stats_start(lo, BLOCK)
     whole = lo + (hi - lo) // BLOCK * BLOCK
-    s_next, t_next = _whole_tiles(s_row, t_row, lo, whole, PAIR, BLOCK)
+    if PREFETCH:
+        s_next, t_next = _whole_tiles(s_row, t_row, lo, whole, PAIR, BLOCK)
     for start in range(lo, whole, BLOCK):
-        s, t = s_next, t_next
-        s_next, t_next = _whole_tiles(s_row, t_row, start + BLOCK, whole, PAIR, BLOCK)
+        if PREFETCH:
+            s, t = s_next, t_next
+            s_next, t_next = _whole_tiles(s_row, t_row, start + BLOCK, whole, PAIR, BLOCK)
+        else:
+            s, t = _whole_tiles(s_row, t_row, start, whole, PAIR, BLOCK)
         m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
             s, t, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
             SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
