@@ -1,10 +1,15 @@
-"""GPU probe (one device call): where the kd_loss and switch-step kernels spend their time.
+"""GPU probe (one device call): which kernel configurations the kd_loss and switch-step kernels should use.
 
-``python benchmarks/gpu_probe.py time``: do_bench of kd_loss per kind / without gradient at 8192 x 128256 bf16, of
-the jsd kernel pinned to lower register caps (more warps per SM; they compile without spills only with the JIT's
-divisibility specialisation, so they are not in the autotuner's list), and of the compiled reference switch step;
-``python benchmarks/gpu_probe.py ncu``: one launch of each kernel with a fixed config, for ``ncu``."""
+``python benchmarks/gpu_probe.py kd OUT.json``: kd_loss jsd fwd+bwd at 8192 x 128256 bf16: the autotuner times its
+configs plus low-register ones (more warps per SM; not in its list because the unspecialised ahead-of-time compile
+spills them), then per call and replayed from a CUDA graph. ``SWITCHKD_EVICT`` (0/1/2) selects the L2 eviction hints.
+``python benchmarks/gpu_probe.py switch OUT.json``: the switch step at V = 128256 per batch and split count, with the
+low-register phase-2 configs added, replayed from CUDA graphs.
+``python benchmarks/gpu_probe.py ncu``: one launch of each kernel with a fixed config, for ``ncu``.
+Every timing is printed and written to OUT.json with the registers and spills of every kernel compiled."""
 
+import json
+import os
 import sys
 
 import torch
@@ -12,12 +17,13 @@ import triton
 import triton.testing
 
 import switchkd
-from switchkd import reference
 from switchkd.kernels.kd_loss import _kd_loss_kernel
 from switchkd.kernels.split import _stats_kernel
 from switchkd.kernels.switch_step import _switch_step_kernel
+from switchkd.ops.switch_step import switch_step_triton
 
 POLICY = switchkd.SwitchPolicy("exp", tau0=0.2, decay=0.01)
+ROWS = []
 
 
 def logits(n, v, seed=0):
@@ -25,50 +31,81 @@ def logits(n, v, seed=0):
     return (torch.randn(n, v, device="cuda", generator=g) * 2).to(torch.bfloat16)
 
 
-def bench(name, fn, graph=False):
+def bench(name, fn, graph=False, **extra):
     fn()
     torch.cuda.synchronize()
     q = (triton.testing.do_bench_cudagraph if graph else triton.testing.do_bench)(fn, quantiles=[0.5, 0.2, 0.8])
-    print(f"{name}: {q[0] * 1e3:.1f} us  (p20 {q[1] * 1e3:.1f}, p80 {q[2] * 1e3:.1f})", flush=True)
+    print(f"{name}{' graph' if graph else ''}: {q[0] * 1e3:.1f} us  (p20 {q[1] * 1e3:.1f}, p80 {q[2] * 1e3:.1f})",
+          flush=True)
+    ROWS.append({"name": name, "graph": graph, "us": q[0] * 1e3, "p20": q[1] * 1e3, "p80": q[2] * 1e3, **extra})
 
 
-def timings():
+def tuning(kernel, label):
+    """The autotuner's timings of every config it tried (the last key tuned), fastest first."""
+    for config, ms in sorted(getattr(kernel, "configs_timings", {}).items(), key=lambda kv: kv[1][0]):
+        print(f"  tuning {label}: {config} -> {ms[0] * 1e3:.1f} us", flush=True)
+        ROWS.append({"name": f"tuning {label}", "config": str(config), "us": ms[0] * 1e3})
+
+
+def config(block, warps, maxnreg, **meta):
+    return triton.Config({"BLOCK": block, **meta}, num_warps=warps, num_stages=2, maxnreg=maxnreg)
+
+
+def compiled(kernel, label):
+    """Registers and spills of every variant of ``kernel`` compiled so far."""
+    try:
+        for entry in kernel.fn.device_caches.values():
+            for key, kern in entry[0].items():
+                kern._init_handles()
+                row = {"name": f"compiled {label}", "regs": kern.n_regs, "spills": kern.n_spills,
+                       "warps": kern.metadata.num_warps, "key": str(key)[:300]}
+                print(f"  compiled {label}: {row['regs']} regs, {row['spills']} B spilled, {row['warps']} warps",
+                      flush=True)
+                ROWS.append(row)
+    except Exception as err:  # noqa: BLE001 (Triton's cache layout differs between versions)
+        print(f"  compiled {label}: {type(err).__name__}: {err}", flush=True)
+
+
+def kd():
     s, t = logits(8192, 128256, 1), logits(8192, 128256, 2)
     s.requires_grad_()
-    for kind in ("jsd", "fkl", "srkl"):
-        def step(kind=kind):
-            s.grad = None
-            switchkd.kd_loss(s, t, kind=kind, beta=0.5).backward()
-        bench(f"kd_loss {kind} fwd+bwd 8192x128256", step)
-        for config, ms in sorted(_kd_loss_kernel.configs_timings.items(), key=lambda kv: kv[1][0])[:4]:
-            print(f"  tuning {kind}: {config} -> {ms[0]:.3f} ms")
-    configs = _kd_loss_kernel.configs
-    for maxnreg in (64, 80):
-        fix(_kd_loss_kernel, BLOCK=2048, ROWS_PER_SM=0, PARTS=1, num_warps=8, maxnreg=maxnreg)
-
-        def pinned():
-            s.grad = None
-            switchkd.kd_loss(s, t, kind="jsd", beta=0.5).backward()
-        bench(f"kd_loss jsd fwd+bwd 8192x128256 pinned BLOCK 2048, 8 warps, maxnreg {maxnreg}", pinned)
-    _kd_loss_kernel.configs = configs
+    _kd_loss_kernel.configs = _kd_loss_kernel.configs + [
+        config(2048, 8, 64, ROWS_PER_SM=0, PARTS=1), config(2048, 8, 80, ROWS_PER_SM=0, PARTS=1),
+        config(1024, 4, 80, ROWS_PER_SM=0, PARTS=1), config(2048, 16, 64, ROWS_PER_SM=0, PARTS=1)]
     _kd_loss_kernel.cache.clear()
-    frozen = s.detach()
-    bench("kd_loss jsd fwd only 8192x128256", lambda s=frozen, t=t: switchkd.kd_loss(s, t, kind="jsd", beta=0.5))
-    del s, t, frozen
-    torch.cuda.empty_cache()
-    for b in (1, 256):
+
+    def step():
+        s.grad = None
+        switchkd.kd_loss(s, t, kind="jsd", beta=0.5).backward()
+    evict = os.environ.get("SWITCHKD_EVICT", "0")
+    bench(f"kd_loss jsd fwd+bwd 8192x128256 evict {evict}", step)
+    tuning(_kd_loss_kernel, f"kd_loss jsd evict {evict}")
+    bench(f"kd_loss jsd fwd+bwd 8192x128256 evict {evict}", step, graph=True)
+    compiled(_kd_loss_kernel, "kd_loss")
+
+
+def switch():
+    configs = _switch_step_kernel.configs + [config(1024, 4, 80), config(1024, 4, 64), config(2048, 8, 80),
+                                             config(512, 2, 80)]
+    for b, splits_list in ((1, (None,)), (32, (None, 32, 64)), (256, (None, 4, 8, 16))):
         s, t = logits(b, 128256, 3), logits(b, 128256, 4)
         pos = torch.randint(0, 200, (b,), device="cuda")
-        fused = lambda s=s, t=t, pos=pos: switchkd.fused_switch_step(s, t, pos, policy=POLICY,  # noqa: E731
-                                                                     check_finite=False)
-        compiled = torch.compile(lambda s=s, t=t, pos=pos: reference.switch_step(s, t, pos, policy=POLICY),
-                                 dynamic=False)
-        for name, fn in (("switchkd", fused), ("compiled", compiled)):
-            try:
-                bench(f"switch_step {name} {b}x128256", fn)
-                bench(f"switch_step {name}_graph {b}x128256", fn, graph=True)
-            except Exception as err:  # noqa: BLE001
-                print(f"switch_step {name} {b}x128256: {type(err).__name__}: {str(err)[:300]}", flush=True)
+        for splits in splits_list:
+            for label, kernel_configs in (("standard", _switch_step_kernel.configs[:4]), ("low-reg", configs)):
+                if splits is None and label == "low-reg" and b == 1:
+                    continue
+                _switch_step_kernel.configs = kernel_configs
+                _switch_step_kernel.cache.clear()
+
+                def step(s=s, t=t, pos=pos, splits=splits):
+                    return switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl",
+                                              alpha=0.1, beta=0.5, need_grad=False, splits=splits)
+                name = f"switch_step {b}x128256 splits {splits or 'plan'} {label}"
+                bench(name, step, graph=True, batch=b, splits=splits)
+                tuning(_switch_step_kernel, name)
+        _switch_step_kernel.configs = configs[:4]
+    compiled(_switch_step_kernel, "switch phase 2")
+    compiled(_stats_kernel, "switch phase 1")
 
 
 def fix(kernel, **kw):
@@ -96,4 +133,13 @@ def one_launch_each():
 
 
 if __name__ == "__main__":
-    timings() if sys.argv[1] == "time" else one_launch_each()
+    mode = sys.argv[1]
+    if mode == "ncu":
+        one_launch_each()
+    else:
+        try:
+            kd() if mode == "kd" else switch()
+        finally:
+            with open(sys.argv[2], "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "evict": os.environ.get("SWITCHKD_EVICT", "0"),
+                           "rows": ROWS}, f, indent=1)

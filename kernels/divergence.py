@@ -4,6 +4,8 @@ Rows are processed in base 2 (``x2 = logits * inv_temp * log2(e)``) so that the 
 uses ``exp2``; log-probabilities handed to the loss terms are natural (nats).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -29,6 +31,11 @@ LOG2P_FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
 FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # floor of mixture probabilities: their log is finite
 INTERPRETED: tl.constexpr = tl.constexpr(interpreted())
 LANE_GROUP: tl.constexpr = tl.constexpr(8)  # adjacent columns one thread loads (16 B of bf16) and reduces alone
+# L2 eviction hints (SWITCHKD_EVICT, an experiment: 0 none; 1 a tile's last read and the gradient's store evict
+# first, so they do not push out logits a later sweep reads again; 2 also the statistics sweep's reads evict last).
+_EVICT = int(os.environ.get("SWITCHKD_EVICT", "0"))
+LAST_USE: tl.constexpr = tl.constexpr("evict_first" if _EVICT >= 1 else "")
+REUSED: tl.constexpr = tl.constexpr("evict_last" if _EVICT >= 2 else "")
 
 
 @triton.jit
@@ -134,15 +141,38 @@ def _fold(x, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _prefetch(s_row, t_row, i, lo, hi, n_tiles, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    """Both rows' raw tiles ``i`` (logits dtype, -inf past ``hi``; nothing is read when ``i == n_tiles``). A sweep
-    loads tile ``i + 1`` before the math of tile ``i``, so each thread has a tile of loads in flight while it
-    computes: without it every trip waits a full memory latency (measured on an H200: 16 warps per SM, 0.43
-    instructions per cycle per scheduler)."""
+def _prefetch(s_row, t_row, i, lo, hi, n_tiles, REVERSE: tl.constexpr, BLOCK: tl.constexpr, EVICT: tl.constexpr = ""):
+    """Both rows' raw tiles ``i`` (logits dtype, -inf past ``hi``; nothing is read when ``i == n_tiles``), loaded with
+    the L2 eviction hint ``EVICT``."""
     cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
     mask = (cols >= lo) & (cols < hi)  # tile n_tiles lies past hi, or (REVERSE) before lo
-    return (tl.load(s_row + cols, mask=mask, other=-float("inf")),
-            tl.load(t_row + cols, mask=mask, other=-float("inf")))
+    return (tl.load(s_row + cols, mask=mask, other=-float("inf"), eviction_policy=EVICT),
+            tl.load(t_row + cols, mask=mask, other=-float("inf"), eviction_policy=EVICT))
+
+
+@triton.jit
+def _first_tiles(s_row, t_row, lo, hi, n_tiles, REVERSE: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+                 EVICT: tl.constexpr):
+    """What a sweep holds in flight before its first trip: tile 0 with PREFETCH, else placeholders."""
+    if PREFETCH:
+        return _prefetch(s_row, t_row, 0, lo, hi, n_tiles, REVERSE, BLOCK, EVICT)
+    return tl.zeros([BLOCK], s_row.dtype.element_ty), tl.zeros([BLOCK], t_row.dtype.element_ty)
+
+
+@triton.jit
+def _next_tiles(s_row, t_row, i, s_next, t_next, lo, hi, n_tiles, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+                PREFETCH: tl.constexpr, EVICT: tl.constexpr):
+    """Trip ``i`` of a sweep: its raw tiles, and the tiles to hold in flight. With ``PREFETCH`` the trip's tiles were
+    loaded a trip earlier and tile ``i + 1`` is loaded now, before the trip's math, so each thread has a tile of
+    loads in flight while it computes: without it every trip waits a full memory latency (measured on an H200: 16
+    warps per SM, 0.43 instructions per cycle per scheduler). Without ``PREFETCH`` (fewer registers) tile ``i`` is
+    loaded now."""
+    if PREFETCH:
+        s_raw, t_raw = s_next, t_next
+        s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, REVERSE, BLOCK, EVICT)
+    else:
+        s_raw, t_raw = _prefetch(s_row, t_row, i, lo, hi, n_tiles, REVERSE, BLOCK, EVICT)
+    return s_raw, t_raw, s_next, t_next
 
 
 @triton.jit
@@ -157,7 +187,8 @@ def _loss_tile(s2, t2, cols, mask, grad_row, grad_scale, m_s, lz_s, m_t, lz_t, a
     loss_acc += _fold(terms, BLOCK)  # columns past the end load -inf: p = 0 there, and so is every term
     if HAS_GRAD:
         if KIND == FKL:
-            tl.store(grad_row + cols, ((ps - pt) * grad_scale).to(grad_row.dtype.element_ty), mask=mask)
+            tl.store(grad_row + cols, ((ps - pt) * grad_scale).to(grad_row.dtype.element_ty), mask=mask,
+                     eviction_policy=LAST_USE)
         else:
             g_acc += _fold(ps * g, BLOCK)
     return loss_acc, g_acc, log_ps, ps, log_pt, pt
@@ -173,18 +204,15 @@ def _loss_sweep(
     PREFETCH: tl.constexpr = True,
 ):
     """Loss terms and centring sum ``sum(p_S * g)`` over columns ``[lo, hi)``: two exp2 per logit pair,
-    plus one log for the mixture kinds. ``PREFETCH``: load a tile ahead (see :func:`_prefetch`)."""
+    plus one log for the mixture kinds. ``PREFETCH``: load a tile ahead (see :func:`_next_tiles`)."""
     loss_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     n_tiles = tl.cdiv(hi - lo, BLOCK)
-    if PREFETCH:
-        s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, REVERSE, BLOCK)
+    evict = LAST_USE if KIND == FKL else ""  # fkl reads each tile once more than the others: here, for the last time
+    s_next, t_next = _first_tiles(s_row, t_row, lo, hi, n_tiles, REVERSE, BLOCK, PREFETCH, evict)
     for i in range(0, n_tiles):
-        if PREFETCH:
-            s_raw, t_raw = s_next, t_next
-            s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, REVERSE, BLOCK)
-        else:
-            s_raw, t_raw = _prefetch(s_row, t_row, i, lo, hi, n_tiles, REVERSE, BLOCK)
+        s_raw, t_raw, s_next, t_next = _next_tiles(s_row, t_row, i, s_next, t_next, lo, hi, n_tiles, REVERSE, BLOCK,
+                                                   PREFETCH, evict)
         cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
         loss_acc, g_acc, _, _, _, _ = _loss_tile(s_raw.to(tl.float32) * scale2, t_raw.to(tl.float32) * scale2, cols,
                                                  cols < hi, grad_row, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta,
@@ -204,19 +232,16 @@ def _grad_sweep(
     ``p_S (g - g_mean) * grad_scale`` (``1 / T`` times the reduction's weight). Each tile is read (with
     ``PREFETCH``, a trip ahead) before it is written, so ``grad_row`` may be ``s_row``."""
     n_tiles = tl.cdiv(hi - lo, BLOCK)
-    if PREFETCH:
-        s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, False, BLOCK)
+    s_next, t_next = _first_tiles(s_row, t_row, lo, hi, n_tiles, False, BLOCK, PREFETCH, LAST_USE)
     for i in range(0, n_tiles):
-        if PREFETCH:
-            s_raw, t_raw = s_next, t_next
-            s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, False, BLOCK)
-        else:
-            s_raw, t_raw = _prefetch(s_row, t_row, i, lo, hi, n_tiles, False, BLOCK)
+        s_raw, t_raw, s_next, t_next = _next_tiles(s_row, t_row, i, s_next, t_next, lo, hi, n_tiles, False, BLOCK,
+                                                   PREFETCH, LAST_USE)
         cols = lo + i * BLOCK + tl.arange(0, BLOCK)
         log_ps, ps = _log_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
         log_pt, pt = _log_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
         _, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
-        tl.store(grad_row + cols, (ps * (g - g_mean) * grad_scale).to(grad_row.dtype.element_ty), mask=cols < hi)
+        tl.store(grad_row + cols, (ps * (g - g_mean) * grad_scale).to(grad_row.dtype.element_ty), mask=cols < hi,
+                 eviction_policy=LAST_USE)
 
 
 @triton.jit

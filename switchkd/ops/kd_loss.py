@@ -95,8 +95,9 @@ def row_weight(n_rows: int, labels, ignore_index: int, reduction: str, device,
         return None
     if reduction == "sum":
         return torch.ones((), device=device, dtype=dtype)
-    kept = torch.tensor(n_rows, device=device) if labels is None else (labels != ignore_index).sum()
-    return 1.0 / kept.clamp_min(1).to(dtype)
+    if labels is None:  # a fill, not torch.tensor(..., device=device): that copy from the host syncs the stream
+        return torch.full((), 1.0 / max(n_rows, 1), device=device, dtype=dtype)
+    return 1.0 / (labels != ignore_index).sum().clamp_min(1).to(dtype)
 
 
 def kd_loss(student_logits, teacher_logits, labels=None, *, kind="srkl", alpha=0.1, beta=0.5, temperature=1.0,
