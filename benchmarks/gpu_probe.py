@@ -1,15 +1,13 @@
 """GPU probe (one device call): which kernel configurations the kd_loss and switch-step kernels should use.
 
-``python benchmarks/gpu_probe.py kd OUT.json``: kd_loss jsd fwd+bwd at 8192 x 128256 bf16: the autotuner times its
-configs plus low-register ones (more warps per SM; not in its list because the unspecialised ahead-of-time compile
-spills them), then per call and replayed from a CUDA graph. ``SWITCHKD_EVICT`` (0/1/2) selects the L2 eviction hints.
+``python benchmarks/gpu_probe.py kd OUT.json``: kd_loss jsd fwd+bwd at 8192 x 128256 bf16: the autotuner's timing of
+each config, then per call and replayed from a CUDA graph.
 ``python benchmarks/gpu_probe.py switch OUT.json``: the switch step at V = 128256 per batch and split count, with the
 low-register phase-2 configs added, replayed from CUDA graphs.
 ``python benchmarks/gpu_probe.py ncu``: one launch of each kernel with a fixed config, for ``ncu``.
 Every timing is printed and written to OUT.json with the registers and spills of every kernel compiled."""
 
 import json
-import os
 import sys
 
 import torch
@@ -69,18 +67,12 @@ def compiled(kernel, label):
 def kd():
     s, t = logits(8192, 128256, 1), logits(8192, 128256, 2)
     s.requires_grad_()
-    _kd_loss_kernel.configs = _kd_loss_kernel.configs + [
-        config(2048, 8, 64, ROWS_PER_SM=0, PARTS=1), config(2048, 8, 80, ROWS_PER_SM=0, PARTS=1),
-        config(1024, 4, 80, ROWS_PER_SM=0, PARTS=1), config(2048, 16, 64, ROWS_PER_SM=0, PARTS=1)]
-    _kd_loss_kernel.cache.clear()
-
     def step():
         s.grad = None
         switchkd.kd_loss(s, t, kind="jsd", beta=0.5).backward()
-    evict = os.environ.get("SWITCHKD_EVICT", "0")
-    bench(f"kd_loss jsd fwd+bwd 8192x128256 evict {evict}", step)
-    tuning(_kd_loss_kernel, f"kd_loss jsd evict {evict}")
-    bench(f"kd_loss jsd fwd+bwd 8192x128256 evict {evict}", step, graph=True)
+    bench("kd_loss jsd fwd+bwd 8192x128256", step)
+    tuning(_kd_loss_kernel, "kd_loss jsd")
+    bench("kd_loss jsd fwd+bwd 8192x128256", step, graph=True)
     compiled(_kd_loss_kernel, "kd_loss")
 
 
@@ -116,7 +108,7 @@ def fix(kernel, **kw):
 
 
 def one_launch_each():
-    fix(_kd_loss_kernel, BLOCK=2048, ROWS_PER_SM=0, PARTS=1, num_warps=8, maxnreg=255)
+    fix(_kd_loss_kernel, BLOCK=2048, num_warps=8, maxnreg=64)
     s, t = logits(8192, 128256, 1), logits(8192, 128256, 2)
     s.requires_grad_()
     switchkd.kd_loss(s, t, kind="jsd", beta=0.5).backward()
@@ -141,5 +133,4 @@ if __name__ == "__main__":
             kd() if mode == "kd" else switch()
         finally:
             with open(sys.argv[2], "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "evict": os.environ.get("SWITCHKD_EVICT", "0"),
-                           "rows": ROWS}, f, indent=1)
+                json.dump({"device": torch.cuda.get_device_name(), "rows": ROWS}, f, indent=1)

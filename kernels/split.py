@@ -21,7 +21,7 @@ import triton.language as tl
 
 from switchkd.ops.spec import triton_interpreted as interpreted
 
-from .divergence import LANE_GROUP, NEG_BIG, REUSED, _grad_sweep, _nan_unless, _zero_sweep
+from .divergence import LANE_GROUP, NEG_BIG, _grad_sweep, _nan_unless, _zero_sweep
 
 # Modes of the statistics sweep: statistics only, or also each chunk's argmax (greedy decoding).
 NO_SAMPLE: tl.constexpr = tl.constexpr(0)
@@ -46,27 +46,31 @@ def gpu_tile_configs():
 
 
 def row_kernel_configs():
-    """Configs of a kernel with one row per program and a grid that may be *persistent* (``ROWS_PER_SM`` programs
-    per multiprocessor, each looping over rows; 0 = one program per row), with ``PARTS`` adjacent programs sharing
-    each row (a column part each). Few rows in flight keep each row's later sweeps in L2: a bf16 row pair of
-    V = 128256 is 0.5 MB, L2 50 MB; one program per SM and two parts per row hold 66 rows, 33 MB, on an H100."""
-    one_per_row = [triton.Config({**c.kwargs, "ROWS_PER_SM": 0, "PARTS": 1}, num_warps=c.num_warps,
-                                 num_stages=c.num_stages, maxnreg=c.maxnreg) for c in gpu_tile_configs()]
-    # (BLOCK, ROWS_PER_SM, PARTS, warps, maxnreg). Measured on an H200: 8 warps per SM leave the sweeps waiting on
-    # memory (9.5 ms against 5.8 with 16 at 8192 x 128256 jsd), so the groups keep 16 warps per SM with 66 rows
-    # in flight (registers: programs per SM x threads x maxnreg <= 65536).
-    # The groups' sweeps load no tile ahead: their programs must all be resident (they wait on one another), so they
-    # stay within 128 registers, which a tile ahead would spill (kd_loss.py).
-    persistent = [(2048, 1, 1, 8, 255), (2048, 2, 1, 8, 255),
-                  (2048, 2, 4, 8, 128), (2048, 1, 2, 16, 128), (1024, 4, 8, 4, 128)]
-    if os.environ.get("SWITCHKD_ROW_GROUPS", "1") == "0":  # a switch to rule the program groups out when debugging
-        persistent = [c for c in persistent if c[2] == 1]
-    return one_per_row + [triton.Config({"BLOCK": block, "ROWS_PER_SM": rows_per_sm, "PARTS": parts},
-                                        num_warps=warps, num_stages=2, maxnreg=maxnreg)
-                          for block, rows_per_sm, parts, warps, maxnreg in persistent]
+    """Configs of the per-row kd_loss kernel: the first two as :func:`gpu_tile_configs`, then two capped at 64 and
+    80 registers, so that 24–32 warps per SM keep more loads in flight. On an H200 (kd_loss jsd 8192 x 128256 bf16,
+    benchmarks/RESULTS.md) they took 3.57 and 3.59 ms against 4.04 at 255; persistent grids and programs sharing a
+    row took 4.5–6.6 ms and are gone. The capped ones need the JIT's 16-byte vector loads (:func:`needs_alignment`)."""
+    return [
+        triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=2, maxnreg=255),
+        triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=2, maxnreg=255),
+        triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=2, maxnreg=64),
+        triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=2, maxnreg=80),
+    ]
 
 
-MAX_ROWS_PER_SM = 4  # the most programs per multiprocessor a row_kernel_configs config asks for
+ALIGNED_ARGS = ("V", "s_stride", "t_stride", "grad_stride")  # integers a capped config needs divisible by 16
+
+
+def needs_alignment(config) -> bool:
+    """Whether ``config`` is capped below 128 registers: it fits them only with 16-byte vector loads, which the JIT
+    emits when the pointers, V and the row strides are multiples of 16 (its divisibility specialisation); otherwise
+    it would spill, so the autotuner leaves it out there (:func:`prune_tiles`)."""
+    return config.maxnreg is not None and config.maxnreg < 128
+
+
+def _aligned(args) -> bool:
+    return (all(args[name] % 16 == 0 for name in ALIGNED_ARGS if name in args)
+            and all(value.data_ptr() % 16 == 0 for value in args.values() if hasattr(value, "data_ptr")))
 
 
 def tile_configs(gpu_configs=gpu_tile_configs):
@@ -81,8 +85,12 @@ def tile_configs(gpu_configs=gpu_tile_configs):
 
 
 def prune_tiles(configs, nargs, **kwargs):
-    """Drop tiles wider than the chunk (keeping the narrowest when all are)."""
-    width = max(1024, triton.next_power_of_2(kwargs.get("chunk", nargs.get("chunk", 1))))
+    """Drop tiles wider than the chunk (keeping the narrowest when all are), and the register-capped configs
+    when the arguments are not aligned for 16-byte vector loads (:func:`needs_alignment`)."""
+    args = {**nargs, **kwargs}
+    if not _aligned(args):
+        configs = [c for c in configs if not needs_alignment(c)] or configs
+    width = max(1024, triton.next_power_of_2(args.get("chunk", 1)))
     kept = [c for c in configs if c.kwargs["BLOCK"] <= width]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK"])]
 
@@ -135,15 +143,21 @@ def multiprocessors(device) -> int:
     return 4
 
 
-def split_plan(rows: int, vocab: int, device, splits: int | None = None) -> tuple[int, int]:
-    """``(n_splits, chunk)``: enough programs for two per multiprocessor (8 in the interpreter), each
-    chunk at least 1024 columns (256 interpreted) and a multiple of 128; ``splits`` overrides the count
-    (tests), which the 128-column alignment may then lower."""
+def split_plan(rows: int, vocab: int, device, splits: int | None = None, programs_per_sm: int = 2) -> tuple[int, int]:
+    """``(n_splits, chunk)``: enough programs for two per multiprocessor (8 in the interpreter), each chunk at least
+    1024 columns (256 interpreted) and a multiple of 128; with ``programs_per_sm`` above 2, more splits, up to that
+    many programs per multiprocessor, as long as chunks keep 4 times the minimum. ``splits`` overrides the count
+    (tests), which the 128-column alignment may then lower.
+
+    The switch step asks for 8: on an H200 at V = 128256 bf16, B = 256 took 108.9 / 97.6 / 92.5 / 99.5 µs with 2 / 4
+    / 8 / 16 splits, B = 32 18.6 / 18.3 / 26.5 µs with 16 / 32 / 64 (benchmarks/RESULTS.md); kd_loss keeps 2, so
+    that its per-row kernel takes every batch of two rows per multiprocessor or more."""
     if splits is None:
-        target = 2 * multiprocessors(device)
+        target = multiprocessors(device)
         min_chunk = 1024 if _is_cuda(device) else 256
-        wanted = triton.next_power_of_2(triton.cdiv(target, max(rows, 1)))
-        splits = min(wanted, vocab // min_chunk)
+        splits = min(triton.next_power_of_2(triton.cdiv(2 * target, max(rows, 1))), vocab // min_chunk)
+        many = triton.next_power_of_2(triton.cdiv(programs_per_sm * target, max(rows, 1)))
+        splits = max(splits, min(many, vocab // (4 * min_chunk)))
     splits = max(1, min(splits, MAX_SPLITS))
     chunk = triton.cdiv(triton.cdiv(vocab, splits), COL_ALIGN) * COL_ALIGN
     return triton.cdiv(vocab, chunk), chunk
@@ -184,8 +198,8 @@ def _whole_tiles(s_row, t_row, start, whole, PAIR: tl.constexpr, BLOCK: tl.const
     whole tiles load with one uniform predicate and no ``-inf`` fill. :func:`_row_stats` loads a trip ahead."""
     cols = start + tl.arange(0, BLOCK)
     inside = tl.full([BLOCK], start, tl.int32) < whole  # uniform over the tile: the loads stay 16-byte vectors
-    s = tl.load(s_row + cols, mask=inside, eviction_policy=REUSED)
-    t = tl.load(t_row + cols, mask=inside, eviction_policy=REUSED) if PAIR else s
+    s = tl.load(s_row + cols, mask=inside, eviction_policy="evict_last")  # the next sweep reads them again
+    t = tl.load(t_row + cols, mask=inside, eviction_policy="evict_last") if PAIR else s
     return s, t
 
 
@@ -202,7 +216,7 @@ def _stats_trip(s, t, cols, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, c
 
 @triton.jit
 def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr,
-               BLOCK: tl.constexpr, PREFETCH: tl.constexpr = True):
+               BLOCK: tl.constexpr):
     """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` of the student row and, with
     PAIR, of the teacher row in the same sweep, and with GREEDY the best raw logit and its column (ties go to the
     lowest column; NO_SAMPLE returns placeholders). Returns the student's four values, then the teacher's
@@ -211,19 +225,15 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
     Columns go in groups of LANE_GROUP adjacent ones, which one thread holds (its vector load): each group keeps
     a running max and sum, rescaled by ``2^(m_old - m_new)`` once per group and tile (not per column), so the loop
     has no cross-thread reduction; the groups are combined once at the end. Whole tiles load a trip ahead of their
-    math (``PREFETCH``), both rows at once: the sweep would otherwise wait a memory latency per trip.
+    math, both rows at once: the sweep would otherwise wait a memory latency per trip.
     """
     m_s, z_s, best_s, col_s = _stats_start(lo, BLOCK)
     m_t, z_t, best_t, col_t = _stats_start(lo, BLOCK)
     whole = lo + (hi - lo) // BLOCK * BLOCK
-    if PREFETCH:
-        s_next, t_next = _whole_tiles(s_row, t_row, lo, whole, PAIR, BLOCK)
+    s_next, t_next = _whole_tiles(s_row, t_row, lo, whole, PAIR, BLOCK)
     for start in range(lo, whole, BLOCK):
-        if PREFETCH:
-            s, t = s_next, t_next
-            s_next, t_next = _whole_tiles(s_row, t_row, start + BLOCK, whole, PAIR, BLOCK)
-        else:
-            s, t = _whole_tiles(s_row, t_row, start, whole, PAIR, BLOCK)
+        s, t = s_next, t_next
+        s_next, t_next = _whole_tiles(s_row, t_row, start + BLOCK, whole, PAIR, BLOCK)
         m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
             s, t, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
             SAMPLE_S, SAMPLE_T, PAIR, BLOCK)

@@ -17,14 +17,13 @@ import triton.language as tl
 from .divergence import (
     FKL,
     LANE_GROUP,
-    LAST_USE,
     NEG_BIG,
-    _first_tiles,
     _fold,
     _jsd_terms,
     _loss_tile,
     _nan_unless,
     _next_tiles,
+    _prefetch,
 )
 from .sampling import NO_TOKEN, _cdf_tile, _row_uniform, _scan_result
 from .split import STATS, SUMS, _combine_stats, _sum_splits, autotuned
@@ -122,11 +121,11 @@ def _switch_step_kernel(
     g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     rank_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.int32)
     n_tiles = tl.cdiv(hi - lo, BLOCK)
-    evict = "" if HAS_GRAD and KIND != FKL else LAST_USE  # only the gradient kernel reads the tiles again
-    s_next, t_next = _first_tiles(s_row, t_row, lo, hi, n_tiles, False, BLOCK, True, evict)
+    # the last read of the logits for fkl (the other kinds' gradient kernel reads them again)
+    s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, False, BLOCK, KIND == FKL)
     for i in range(0, n_tiles):
         s_raw, t_raw, s_next, t_next = _next_tiles(s_row, t_row, i, s_next, t_next, lo, hi, n_tiles, False, BLOCK,
-                                                   True, evict)
+                                                   KIND == FKL)
         cols = lo + i * BLOCK + tl.arange(0, BLOCK)
         t = t_raw.to(tl.float32)
         loss_acc, g_acc, log_ps, ps, log_pt, pt = _loss_tile(s_raw.to(tl.float32) * scale2, t * scale2, cols,

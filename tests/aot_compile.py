@@ -19,6 +19,7 @@ import traceback
 
 import torch
 
+from switchkd.kernels.split import ALIGNED_ARGS
 from switchkd.ops.spec import LOSS_KINDS, POLICY_KINDS, SwitchPolicy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -141,9 +142,12 @@ def variants(kernel, kwargs):
     """``(label, jit function, kwargs)`` for every config an autotuned kernel may pick (the GPU list)."""
     if not hasattr(kernel, "configs"):
         return [("", kernel, kwargs)]
+    from switchkd.kernels.split import needs_alignment
+
     out = []
     for config in kernel.configs:
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "maxnreg": config.maxnreg}
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "maxnreg": config.maxnreg,
+                   "aligned": needs_alignment(config)}
         tiles = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
         label = f"[{tiles},w{config.num_warps},s{config.num_stages},r{config.maxnreg}]"
         out.append((label, kernel.fn, {**kwargs, **config.kwargs, **options}))
@@ -155,14 +159,25 @@ def compile_case(arch, kernel, kwargs):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    aligned = kwargs.pop("aligned", False)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if kwargs.get(k) is not None}
     constexprs = {p.name: kwargs[p.name] for p in kernel.params if p.is_constexpr}
     signature = {p.name: "constexpr" if p.is_constexpr else _type(kwargs[p.name]) for p in kernel.params}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    attrs = jit_divisibility(kernel, kwargs, force=ALIGNED_ARGS) if aligned else {}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     if not compiled.asm.get("cubin"):
         return {"error": "no cubin produced"}
     return {"ok": True, **register_usage(compiled.asm["ptx"], arch)}
+
+
+def jit_divisibility(fn, kwargs, force=()) -> dict:
+    """The JIT's divisibility-by-16 specialisation of ``fn``'s arguments: every pointer, every integer that is a
+    multiple of 16, and the integers named in ``force`` (a register-capped config runs only when they are, so it is
+    compiled as it would run; the others are compiled unspecialised, as at any V)."""
+    return {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if not p.is_constexpr and (
+        hasattr(kwargs[p.name], "data_ptr") or p.name in force
+        or (type(kwargs[p.name]) is int and kwargs[p.name] % 16 == 0))}
 
 
 def register_usage(ptx: str, arch: int) -> dict:
@@ -183,7 +198,7 @@ def register_usage(ptx: str, arch: int) -> dict:
 
 def _compile_key(arch, fn, kwargs):
     """What determines the binary: the kernel, the argument types, the constexprs and the options."""
-    fixed = {p.name for p in fn.params if p.is_constexpr} | {"num_warps", "num_stages", "maxnreg"}
+    fixed = {p.name for p in fn.params if p.is_constexpr} | {"num_warps", "num_stages", "maxnreg", "aligned"}
     return arch, fn.fn.__name__, tuple(sorted((k, repr(v) if k in fixed else _type(v)) for k, v in kwargs.items()))
 
 

@@ -43,8 +43,7 @@ def sass(fn, kwargs, arch=90) -> str:
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if kwargs.get(k) is not None}
     constexprs = {p.name: kwargs[p.name] for p in fn.params if p.is_constexpr}
     signature = {p.name: "constexpr" if p.is_constexpr else aot_compile._type(kwargs[p.name]) for p in fn.params}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if not p.is_constexpr and (
-        hasattr(kwargs[p.name], "data_ptr") or (type(kwargs[p.name]) is int and kwargs[p.name] % 16 == 0))}
+    attrs = aot_compile.jit_divisibility(fn, kwargs)
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

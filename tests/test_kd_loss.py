@@ -1,6 +1,5 @@
 import contextlib
 import math
-import sys
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from switchkd import kd_loss, reference
 from switchkd.kernels import kd_loss as kd_kernels
 from switchkd.kernels import split as split_kernels
 from switchkd.kernels import switch_step as step_kernels
-from switchkd.ops.kd_loss import group_buffers, kd_loss_triton
+from switchkd.ops.kd_loss import kd_loss_triton
 from switchkd.ops.stored_grad import attach_grad
 
 from conftest import DEVICE, assert_error_ratio, random_logits
@@ -38,14 +37,10 @@ GPU_TILES = {c.kwargs["BLOCK"]: c for c in split_kernels.gpu_tile_configs()}
 
 @contextlib.contextmanager
 def only_config(config):
-    """Every autotuned kernel runs ``config``'s tile within the block (the per-row kd_loss kernel all of ``config``:
-    one program per row unless it says otherwise)."""
+    """Every autotuned kernel runs ``config``'s tile within the block."""
     saved = [(k, k.configs, dict(k.cache)) for k in AUTOTUNED]
-    tile = {"BLOCK": config.kwargs["BLOCK"]}
     for kernel in AUTOTUNED:
-        row_kernel = kernel is kd_kernels._kd_loss_kernel
-        kwargs = {"ROWS_PER_SM": 0, "PARTS": 1, **config.kwargs} if row_kernel else tile
-        kernel.configs = [triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)]
+        kernel.configs = [triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)]
         kernel.cache.clear()
     try:
         yield
@@ -110,14 +105,13 @@ def test_every_gpu_tile_matches_reference(rows, vocab, splits, block):
         check_rows(s, t, "jsd", {"beta": 0.3}, kernel=kernel)
 
 
-PERSISTENT = [c for c in split_kernels.row_kernel_configs() if c.kwargs["ROWS_PER_SM"]]
+ROW_TILES = {c.kwargs["BLOCK"]: c for c in split_kernels.row_kernel_configs()}
 
 
-@pytest.mark.parametrize("rows, vocab", [(11, 3001), (5, 9001), (256, 7)])
-@pytest.mark.parametrize("config", PERSISTENT, ids=lambda c: f"{c.kwargs}")
-def test_persistent_row_kernel_matches_reference(config, rows, vocab):
-    """A persistent grid (fewer programs than rows, each looping over rows) gives every row its loss and gradient,
-    ignored rows included."""
+@pytest.mark.parametrize("rows, vocab", [(11, 3001), (256, 7)])
+@pytest.mark.parametrize("block", sorted(ROW_TILES))
+def test_row_kernel_with_ignored_rows_matches_reference(block, rows, vocab):
+    """The per-row kernel in each of its tiles gives every kept row its loss and gradient, and ignored rows zero."""
     s, t = random_logits(rows, vocab, torch.bfloat16), random_logits(rows, vocab, torch.bfloat16)
     labels = torch.arange(rows, device=DEVICE) % vocab
     labels[1::5] = -100
@@ -127,7 +121,7 @@ def test_persistent_row_kernel_matches_reference(config, rows, vocab):
                                    ignore_index=-100, need_grad=True, splits=1)
         return attach_grad(x, out, grad)
 
-    with only_config(config):
+    with only_config(ROW_TILES[block]):
         (out, grad), (ref, ref_grad), (plain, plain_grad) = run_rows(s, t, "srkl", {"alpha": 0.2}, 1.3, kernel)
     keep = labels != -100
     assert (out[~keep] == 0).all() and (grad[~keep] == 0).all()
@@ -136,31 +130,18 @@ def test_persistent_row_kernel_matches_reference(config, rows, vocab):
     assert_error_ratio("grad", grad[keep], ref_grad[keep], plain_grad[keep], GRAD_ATOL[s.dtype] + rounding)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="the autotuner times configs on a GPU")
-def test_autotuned_program_groups_leave_their_barriers_at_zero(monkeypatch):
-    """The autotuner runs each program-group config many times on the same barrier counters, then the chosen one:
-    each launch must leave them at zero, or the next one's barriers would not wait and its losses be wrong."""
-    groups = [c for c in PERSISTENT if c.kwargs["PARTS"] > 1]
-    made = []
-
-    def recorded(*args):
-        made.append(group_buffers(*args))
-        return made[-1]
-
-    monkeypatch.setattr(sys.modules[kd_loss_triton.__module__], "group_buffers", recorded)
-    kernel = kd_kernels._kd_loss_kernel
-    saved = kernel.configs, dict(kernel.cache)
-    kernel.configs = groups
-    kernel.cache.clear()
-    try:
-        for kind, params in [KINDS[2], KINDS[5]]:
-            s, t = random_logits(300, 20011, torch.bfloat16), random_logits(300, 20011, torch.bfloat16)
-            check_rows(s, t, kind, params)
-    finally:
-        kernel.configs = saved[0]
-        kernel.cache.clear()
-        kernel.cache.update(saved[1])
-    assert made and all(int(sync.abs().sum()) == 0 for sync, _ in made)
+@pytest.mark.parametrize("vocab, offset, capped", [(128256, 0, True), (50257, 0, False), (128256, 1, False)])
+def test_register_capped_configs_only_for_aligned_rows(vocab, offset, capped):
+    """The configs capped below 128 registers fit only with 16-byte vector loads: the autotuner keeps them when
+    V, the strides and the pointers are multiples of 16, and drops them otherwise (where they would spill)."""
+    s = torch.zeros(2, vocab + offset, dtype=torch.bfloat16)[:, offset:]
+    args = {"s_ptr": s, "t_ptr": s, "grad_ptr": s, "s_stride": s.stride(0), "t_stride": s.stride(0),
+            "grad_stride": s.stride(0), "V": vocab, "chunk": vocab}
+    configs = split_kernels.row_kernel_configs()
+    kept = split_kernels.prune_tiles(configs, {}, **args)
+    assert any(split_kernels.needs_alignment(c) for c in configs)
+    assert any(split_kernels.needs_alignment(c) for c in kept) == capped
+    assert all(split_kernels.needs_alignment(c) for c in configs if c not in kept)  # nothing else is dropped
 
 
 @pytest.mark.parametrize("splits", [1, 3])

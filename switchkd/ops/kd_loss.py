@@ -35,7 +35,7 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
     written). ``splits`` overrides the split count (tests).
     """
     from ..kernels.kd_loss import _kd_loss_kernel, _kd_loss_split_kernel
-    from ..kernels.split import MAX_ROWS_PER_SM, NO_SAMPLE, _grad_kernel, _stats_kernel, multiprocessors, split_plan
+    from ..kernels.split import NO_SAMPLE, _grad_kernel, _stats_kernel, split_plan
 
     (n_rows, vocab), device = student_logits.shape, student_logits.device
     loss = torch.empty(n_rows, device=device, dtype=torch.float32)
@@ -56,16 +56,7 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
             "alpha": float(alpha), "beta": float(beta), "ignore_index": ignore_index, "KIND": LOSS_CODES[kind],
             "HAS_LABELS": labels is not None, "HAS_WEIGHT": weight is not None}
     if n_splits == 1:
-        sms = multiprocessors(device)
-
-        def grid(meta):  # one program per row, or groups of PARTS programs, ROWS_PER_SM per multiprocessor
-            if meta["ROWS_PER_SM"] == 0:
-                return (n_rows,)
-            return (max(1, min(n_rows, meta["ROWS_PER_SM"] * sms // meta["PARTS"])) * meta["PARTS"],)
-
-        sync, parts = group_buffers(MAX_ROWS_PER_SM * sms, device)
-        _kd_loss_kernel[grid](loss_ptr=loss, sync_ptr=sync, part_stats_ptr=parts[0], part_sums_ptr=parts[1],
-                              n_rows=n_rows, HAS_GRAD=need_grad, **args)
+        _kd_loss_kernel[(n_rows,)](loss_ptr=loss, HAS_GRAD=need_grad, **args)
         return loss, grad
     grid = (n_rows, n_splits)
     stats, sums = torch.empty(n_rows, n_splits, 4, **f32), torch.empty(n_rows, n_splits, 4, **f32)
@@ -78,13 +69,6 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
         _grad_kernel[grid](**split_args)
     torch.sum(sums[:, :, 0], dim=1, out=loss)
     return loss, grad
-
-
-def group_buffers(programs: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Barrier counters (zero; each launch leaves them zero) and ``[2, programs, 4]`` exchange slots (statistics,
-    partial sums) for up to ``programs`` programs of the per-row kernel's program groups."""
-    return (torch.zeros(programs, device=device, dtype=torch.int32),
-            torch.empty(2, programs, 4, device=device, dtype=torch.float32))
 
 
 def row_weight(n_rows: int, labels, ignore_index: int, reduction: str, device,

@@ -78,7 +78,7 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
     grad = torch.empty_like(student_logits) if need_grad else None
     if batch == 0:
         return step, grad
-    n_splits, chunk = split_plan(batch, vocab, device, splits)
+    n_splits, chunk = split_plan(batch, vocab, device, splits, programs_per_sm=8)
     work, rows = _workspace(batch, n_splits, device, greedy), _row_inputs(positions, row_keys, s_tokens)
     sums = torch.empty(batch, n_splits, 4, device=device, dtype=torch.float32)
     inv_temp = 1.0 / temperature if temperature > 0 else 1.0
