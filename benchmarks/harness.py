@@ -26,6 +26,8 @@ def measure(fn, device: str, grad_to_none=None, min_time_s: float = 0.5, max_rep
     ``graph`` (CUDA): time replays of a CUDA graph of ``fn`` (the GPU's time without the host's launch
     overhead, as a decoder that captures its steps sees it)."""
     fn()  # warm-up (compilation, autotuning, allocator)
+    for tensor in grad_to_none or []:  # else the warm-up's gradient counts as already allocated
+        tensor.grad = None
     peak = peak_extra_memory_mib(fn, device)
     if device == "cuda":
         import triton.testing

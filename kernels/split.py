@@ -145,19 +145,21 @@ def multiprocessors(device) -> int:
 
 def split_plan(rows: int, vocab: int, device, splits: int | None = None, programs_per_sm: int = 2) -> tuple[int, int]:
     """``(n_splits, chunk)``: enough programs for two per multiprocessor (8 in the interpreter), each chunk at least
-    1024 columns (256 interpreted) and a multiple of 128; with ``programs_per_sm`` above 2, more splits, up to that
-    many programs per multiprocessor, as long as chunks keep 4 times the minimum. ``splits`` overrides the count
-    (tests), which the 128-column alignment may then lower.
+    1024 columns (256 interpreted) and a multiple of 128; with ``programs_per_sm`` above 2, more splits (a power of 2),
+    up to that many programs per multiprocessor, as long as chunks keep 4 times the minimum. ``splits`` overrides the
+    count (tests), which the 128-column alignment may then lower.
 
     The switch step asks for 8: on an H200 at V = 128256 bf16, B = 256 took 108.9 / 97.6 / 92.5 / 99.5 µs with 2 / 4
-    / 8 / 16 splits, B = 32 18.6 / 18.3 / 26.5 µs with 16 / 32 / 64 (benchmarks/RESULTS.md); kd_loss keeps 2, so
-    that its per-row kernel takes every batch of two rows per multiprocessor or more."""
+    / 8 / 16 splits, B = 32 18.6 / 18.3 / 26.5 µs with 16 / 32 / 64, and 23.8 µs with 31 (chunks of 4.1 tiles: a
+    fifth, almost empty trip; benchmarks/RESULTS.md); kd_loss keeps 2, so that its per-row kernel takes every batch
+    of two rows per multiprocessor or more."""
     if splits is None:
         target = multiprocessors(device)
         min_chunk = 1024 if _is_cuda(device) else 256
         splits = min(triton.next_power_of_2(triton.cdiv(2 * target, max(rows, 1))), vocab // min_chunk)
         many = triton.next_power_of_2(triton.cdiv(programs_per_sm * target, max(rows, 1)))
-        splits = max(splits, min(many, vocab // (4 * min_chunk)))
+        longest = triton.next_power_of_2(vocab // (4 * min_chunk) + 1) // 2  # a power of 2: whole tiles per chunk
+        splits = max(splits, min(many, longest))
     splits = max(1, min(splits, MAX_SPLITS))
     chunk = triton.cdiv(triton.cdiv(vocab, splits), COL_ALIGN) * COL_ALIGN
     return triton.cdiv(vocab, chunk), chunk

@@ -100,6 +100,22 @@ def test_every_gpu_tile_matches_reference(block):
     assert torch.equal(top.from_teacher, rank >= 50)
 
 
+@pytest.mark.parametrize("rows", [1, 32, 64, 256, 1024])
+def test_split_plan_fills_a_gpu_with_chunks_of_whole_tiles(rows, monkeypatch):
+    """The switch step's plan on a 132-multiprocessor GPU: at least 2 programs per multiprocessor, 8 once rows allow
+    chunks of 4096 columns or more, and never a last trip per chunk that is mostly empty (31 splits of V = 128256
+    gave 4.1 tiles per chunk: 23.8 µs against 18.3 at B = 32 on an H200)."""
+    from switchkd.kernels import split
+
+    monkeypatch.setattr(split, "_sm_count", lambda index: 132)
+    splits, chunk = split.split_plan(rows, 128256, torch.device("cuda"), programs_per_sm=8)
+    assert rows * splits >= 2 * 132 or chunk <= 2048
+    assert rows * splits >= 8 * 132 or chunk < 8192
+    assert splits * chunk >= 128256 > (splits - 1) * chunk
+    if chunk >= 4096:
+        assert chunk % 1024 == 0 or chunk % 1024 >= 512
+
+
 def test_tokens_do_not_depend_on_the_split_count():
     s, t = random_logits(2, 5000), random_logits(2, 5000)
     for temperature in (1.0, 0.0):
