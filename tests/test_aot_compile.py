@@ -1,5 +1,7 @@
 """Every Triton kernel variant, in every config its autotuner may pick, must compile for sm_80 and sm_90
-without register spills (the GPU gate on machines without a GPU)."""
+without register spills (the GPU gate on machines without a GPU). Each config is compiled as it can run: without
+the JIT's divisibility specialisation (any V), except the register-capped ones, which the autotuner keeps only
+where that specialisation applies (``split.needs_alignment``)."""
 
 import json
 import os
