@@ -156,39 +156,35 @@ def _store_grad(ptrs, grad, mask):
 def _prefetch(s_row, t_row, i, lo, hi, n_tiles, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
               LAST_READ: tl.constexpr = False):
     """Both rows' raw tiles ``i`` (logits dtype, -inf past ``hi``; nothing is read when ``i == n_tiles``);
-    ``LAST_READ``: no later sweep reads them."""
+    ``LAST_READ``: no later sweep reads them. Sweeps load tile ``i + 1`` before the math of tile ``i``, so each
+    thread has a tile of loads in flight while it computes: without it every trip waits a full memory latency
+    (measured on an H200: 16 warps per SM, 0.43 instructions per cycle per scheduler)."""
     cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
     mask = (cols >= lo) & (cols < hi)  # tile n_tiles lies past hi, or (REVERSE) before lo
     return _load_tile(s_row + cols, mask, LAST_READ), _load_tile(t_row + cols, mask, LAST_READ)
 
 
 @triton.jit
-def _next_tiles(s_row, t_row, i, s_next, t_next, lo, hi, n_tiles, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
-                LAST_READ: tl.constexpr):
-    """Trip ``i`` of a sweep: its raw tiles, loaded a trip earlier (``_prefetch(..., 0, ...)`` before the first), and
-    tile ``i + 1``, loaded now, before the trip's math. Each thread thus has a tile of loads in flight while it
-    computes: without it every trip waits a full memory latency (measured on an H200: 16 warps per SM, 0.43
-    instructions per cycle per scheduler)."""
-    s_after, t_after = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, REVERSE, BLOCK, LAST_READ)
-    return s_next, t_next, s_after, t_after
-
-
-@triton.jit
-def _loss_tile(s2, t2, cols, mask, grad_row, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, loss_acc, g_acc,
-               KIND: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    """One tile of the loss sweep: accumulate the loss terms and either store the fkl gradient
-    ``(p_S - p_T) * grad_scale`` (``1 / T`` times the reduction's weight) or accumulate the centring term
-    ``p_S * g`` (both sums folded per lane group). Returns the tile's probabilities too."""
-    log_ps, ps = _log_probs(s2, m_s, lz_s)
-    log_pt, pt = _log_probs(t2, m_t, lz_t)
+def _loss_trip(s_row, t_row, grad_row, i, s_raw, t_raw, lo, hi, n_tiles, scale2, grad_scale, m_s, lz_s, m_t, lz_t,
+               alpha, beta, loss_acc, g_acc, KIND: tl.constexpr, HAS_GRAD: tl.constexpr, REVERSE: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """Trip ``i`` of a loss sweep, on raw tiles loaded a trip earlier: load tile ``i + 1`` (fkl has no gradient
+    sweep, so this is its last read of the logits), then accumulate the loss terms and either store the fkl gradient
+    ``(p_S - p_T) * grad_scale`` (``1 / T`` times the reduction's weight) or accumulate the centring term ``p_S * g``
+    (both sums folded per lane group). Returns the sums, the next raw tiles, and this tile's columns,
+    log-probabilities and probabilities."""
+    s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, REVERSE, BLOCK, KIND == FKL)
+    cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
+    log_ps, ps = _log_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
+    log_pt, pt = _log_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
     terms, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
     loss_acc += _fold(terms, BLOCK)  # columns past the end load -inf: p = 0 there, and so is every term
     if HAS_GRAD:
         if KIND == FKL:
-            _store_grad(grad_row + cols, (ps - pt) * grad_scale, mask)
+            _store_grad(grad_row + cols, (ps - pt) * grad_scale, cols < hi)
         else:
             g_acc += _fold(ps * g, BLOCK)
-    return loss_acc, g_acc, log_ps, ps, log_pt, pt
+    return loss_acc, g_acc, s_next, t_next, cols, log_ps, ps, log_pt, pt
 
 
 @triton.jit
@@ -200,19 +196,15 @@ def _loss_sweep(
     KIND: tl.constexpr, HAS_GRAD: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Loss terms and centring sum ``sum(p_S * g)`` over columns ``[lo, hi)``: two exp2 per logit pair,
-    plus one log for the mixture kinds; a tile ahead in flight (:func:`_next_tiles`)."""
+    plus one log for the mixture kinds; a tile ahead in flight (:func:`_prefetch`)."""
     loss_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     n_tiles = tl.cdiv(hi - lo, BLOCK)
-    # fkl has no gradient sweep: this is its last read of the logits
-    s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, REVERSE, BLOCK, KIND == FKL)
+    s_tile, t_tile = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, REVERSE, BLOCK, KIND == FKL)
     for i in range(0, n_tiles):
-        s_raw, t_raw, s_next, t_next = _next_tiles(s_row, t_row, i, s_next, t_next, lo, hi, n_tiles, REVERSE, BLOCK,
-                                                   KIND == FKL)
-        cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
-        loss_acc, g_acc, _, _, _, _ = _loss_tile(s_raw.to(tl.float32) * scale2, t_raw.to(tl.float32) * scale2, cols,
-                                                 cols < hi, grad_row, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta,
-                                                 loss_acc, g_acc, KIND, HAS_GRAD, BLOCK)
+        loss_acc, g_acc, s_tile, t_tile, _, _, _, _, _ = _loss_trip(
+            s_row, t_row, grad_row, i, s_tile, t_tile, lo, hi, n_tiles, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha,
+            beta, loss_acc, g_acc, KIND, HAS_GRAD, REVERSE, BLOCK)
     return tl.sum(loss_acc, 0), tl.sum(g_acc, 0)
 
 
@@ -230,8 +222,8 @@ def _grad_sweep(
     n_tiles = tl.cdiv(hi - lo, BLOCK)
     s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, False, BLOCK, True)
     for i in range(0, n_tiles):
-        s_raw, t_raw, s_next, t_next = _next_tiles(s_row, t_row, i, s_next, t_next, lo, hi, n_tiles, False, BLOCK,
-                                                   True)
+        s_raw, t_raw = s_next, t_next
+        s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, False, BLOCK, True)
         cols = lo + i * BLOCK + tl.arange(0, BLOCK)
         log_ps, ps = _log_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
         log_pt, pt = _log_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)

@@ -22,7 +22,9 @@ def _kd_loss_kernel(
     weight_ptr,  # [] float32 gradient scale, e.g. 1 / kept rows (read only when HAS_WEIGHT)
     loss_ptr,  # [N] float32 output: per-row loss (0 on ignored rows, NaN on non-finite rows)
     grad_ptr,  # [N, V] output: weight * d loss_row / d student logits (written only when HAS_GRAD)
-    s_stride, t_stride, grad_stride, V, chunk, scale2, inv_temp, alpha, beta, ignore_index,
+    s_stride, t_stride, grad_stride, V,
+    chunk,  # the row's width, for the autotuner's tile pruning only (the split kernels' argument list)
+    scale2, inv_temp, alpha, beta, ignore_index,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):

@@ -262,26 +262,22 @@ def _merge(m, z):
 @triton.jit
 def _combine_stats(
     stats_ptr,  # [R, S, 4] float32 per-split (m_s, z_s, m_t, z_t)
-    row, n_splits, SPLITS: tl.constexpr, VOLATILE: tl.constexpr = False,
+    row, n_splits, SPLITS: tl.constexpr,
 ):
-    """The row's base-2 log-normalisers ``m_s, lz_s, m_t, lz_t`` and validity (False for NaN/+inf or all -inf rows).
-    ``VOLATILE``: the entries were written by other programs of the same launch (read past L1)."""
+    """The row's base-2 log-normalisers ``m_s, lz_s, m_t, lz_t`` and validity (False for NaN/+inf or all -inf rows)."""
     k = tl.arange(0, SPLITS)
     mask = k < n_splits
     base = stats_ptr + (row * n_splits + k) * STATS
-    m_s, lz_s, ok_s = _merge(tl.load(base, mask=mask, other=NEG_BIG, volatile=VOLATILE),
-                             tl.load(base + 1, mask=mask, other=0.0, volatile=VOLATILE))
-    m_t, lz_t, ok_t = _merge(tl.load(base + 2, mask=mask, other=NEG_BIG, volatile=VOLATILE),
-                             tl.load(base + 3, mask=mask, other=0.0, volatile=VOLATILE))
+    m_s, lz_s, ok_s = _merge(tl.load(base, mask=mask, other=NEG_BIG), tl.load(base + 1, mask=mask, other=0.0))
+    m_t, lz_t, ok_t = _merge(tl.load(base + 2, mask=mask, other=NEG_BIG), tl.load(base + 3, mask=mask, other=0.0))
     return m_s, lz_s, m_t, lz_t, ok_s & ok_t
 
 
 @triton.jit
-def _sum_splits(sums_ptr, row, n_splits, field, SPLITS: tl.constexpr, VOLATILE: tl.constexpr = False):
-    """Sum over the row's splits of one field of the ``[R, S, 4]`` partial sums (``VOLATILE`` as above)."""
+def _sum_splits(sums_ptr, row, n_splits, field, SPLITS: tl.constexpr):
+    """Sum over the row's splits of one field of the ``[R, S, 4]`` partial sums."""
     k = tl.arange(0, SPLITS)
-    return tl.sum(tl.load(sums_ptr + (row * n_splits + k) * SUMS + field, mask=k < n_splits, other=0.0,
-                          volatile=VOLATILE), 0)
+    return tl.sum(tl.load(sums_ptr + (row * n_splits + k) * SUMS + field, mask=k < n_splits, other=0.0), 0)
 
 
 @autotuned(key=["V", "chunk", "SAMPLE", "SAMPLE_S"])

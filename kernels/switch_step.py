@@ -20,9 +20,8 @@ from .divergence import (
     NEG_BIG,
     _fold,
     _jsd_terms,
-    _loss_tile,
+    _loss_trip,
     _nan_unless,
-    _next_tiles,
     _prefetch,
 )
 from .sampling import NO_TOKEN, _cdf_tile, _row_uniform, _scan_result
@@ -121,16 +120,12 @@ def _switch_step_kernel(
     g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     rank_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.int32)
     n_tiles = tl.cdiv(hi - lo, BLOCK)
-    # the last read of the logits for fkl (the other kinds' gradient kernel reads them again)
-    s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, False, BLOCK, KIND == FKL)
+    s_tile, t_tile = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, False, BLOCK, KIND == FKL)
     for i in range(0, n_tiles):
-        s_raw, t_raw, s_next, t_next = _next_tiles(s_row, t_row, i, s_next, t_next, lo, hi, n_tiles, False, BLOCK,
-                                                   KIND == FKL)
-        cols = lo + i * BLOCK + tl.arange(0, BLOCK)
-        t = t_raw.to(tl.float32)
-        loss_acc, g_acc, log_ps, ps, log_pt, pt = _loss_tile(s_raw.to(tl.float32) * scale2, t * scale2, cols,
-                                                             cols < hi, grad_row, grad_scale, m_s, lz_s, m_t, lz_t,
-                                                             alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD, BLOCK)
+        t = t_tile.to(tl.float32)  # this trip's raw teacher logits, which topk ranks
+        loss_acc, g_acc, s_tile, t_tile, cols, log_ps, ps, log_pt, pt = _loss_trip(
+            s_row, t_row, grad_row, i, s_tile, t_tile, lo, hi, n_tiles, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha,
+            beta, loss_acc, g_acc, KIND, HAS_GRAD, False, BLOCK)
         jsd_acc += _fold(_jsd_terms(log_ps, ps, log_pt, pt), BLOCK)
         if TOPK:  # on the raw logits, as the reference ranks them
             rank_acc += _fold((t > t_at_student).to(tl.int32), BLOCK)
