@@ -32,32 +32,23 @@ LANE_GROUP: tl.constexpr = tl.constexpr(8)  # adjacent columns one thread loads 
 
 
 @triton.jit
-def _log_probs(x2, m, lz):
-    """Natural log-probabilities (floored, see LOG2P_FLOOR) and probabilities of a tile of base-2 scores, given
+def _log2_probs(x2, m, lz):
+    """Base-2 log-probabilities (floored, see LOG2P_FLOOR) and probabilities of a tile of base-2 scores, given
     the row's base-2 statistics ``m`` (max) and ``lz = log2(sum 2^(x2 - m))``; one exp2 per logit. ``m`` and
     ``lz`` stay apart: folding them into one float would round ``lz`` to the precision of ``m``."""
     log2p = tl.maximum((x2 - m) - lz, LOG2P_FLOOR)
-    return log2p * LN2, tl.exp2(log2p)
+    return log2p, tl.exp2(log2p)
 
 
 @triton.jit
-def _kl_terms(p, log_p, log_q):
-    """p * (log p - log q): 0 where p = 0, the logs being finite."""
-    return p * (log_p - log_q)
-
-
-@triton.jit
-def _log_mix(m):
-    """Natural log of a mixture probability floored at FLT_MIN, on the special-function unit (lg2.approx.ftz:
-    absolute error below 2^-22, i.e. below 2^-22 nats per unit of probability in the terms); the interpreter,
-    which has no inline PTX, uses tl.log2."""
-    m = tl.maximum(m, FLT_MIN)
+def _lg2(x):
+    """``log2(x)`` on the special-function unit (lg2.approx.ftz: absolute error below 2^-22, i.e. below 2^-22 bits
+    per unit of probability in the terms); the interpreter, which has no inline PTX, uses tl.log2."""
     if INTERPRETED:
-        log2_m = tl.log2(m)
+        return tl.log2(x)
     else:
-        log2_m = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [m], dtype=tl.float32,
-                                           is_pure=True, pack=1)
-    return log2_m * LN2
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
 
 
 @triton.jit
@@ -79,42 +70,53 @@ def _nan_unless(valid, x):
 
 
 @triton.jit
-def _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND: tl.constexpr):
-    """Per-column loss terms and ``g = dL/dp_S`` (up to a per-row constant) for one tile.
+def _loss_terms(l2s, ps, l2t, pt, alpha, beta, KIND: tl.constexpr):
+    """Per-column loss terms in bits (sweeps multiply their sums by LN2 once) and ``g = dL/dp_S`` in nats (up to a
+    per-row constant) for one tile, from base-2 log-probabilities ``l2s``, ``l2t`` (floored, so ``p * (l - l')``
+    is 0 where ``p`` is) and probabilities. Mixtures are floored at FLT_MIN, which keeps their logs finite.
 
     The gradient w.r.t. the scaled student logits is then ``p_S * (g - sum(p_S * g))``; for
     ``fkl`` it is ``p_S - p_T`` directly and ``g`` is unused.
     """
     if KIND == FKL:
-        terms = _kl_terms(pt, log_pt, log_ps)
+        terms = pt * (l2t - l2s)
         g = tl.zeros_like(ps)
     elif KIND == RKL:
-        terms = _kl_terms(ps, log_ps, log_pt)
-        g = log_ps - log_pt
+        terms = ps * (l2s - l2t)
+        g = (l2s - l2t) * LN2
     elif KIND == JSD:  # mixture (1 - beta) p_S + beta p_T
-        log_m = _log_mix((1.0 - beta) * ps + beta * pt)
-        terms = beta * _kl_terms(pt, log_pt, log_m) + (1.0 - beta) * _kl_terms(ps, log_ps, log_m)
-        g = (1.0 - beta) * (log_ps - log_m)
+        wt = beta * pt
+        ws = (1.0 - beta) * ps
+        lm = _lg2(tl.maximum(ws + wt, FLT_MIN))
+        terms = wt * (l2t - lm) + ws * (l2s - lm)
+        g = (1.0 - beta) * LN2 * (l2s - lm)
     elif KIND == SKL:  # mixture alpha p_T + (1 - alpha) p_S
         m = tl.maximum(alpha * pt + (1.0 - alpha) * ps, FLT_MIN)
-        terms = _kl_terms(pt, log_pt, _log_mix(m))
+        terms = pt * (l2t - _lg2(m))
         g = -(1.0 - alpha) * pt * _fast_rcp(m)
     elif KIND == SRKL:  # mixture alpha p_S + (1 - alpha) p_T
         m = tl.maximum(alpha * ps + (1.0 - alpha) * pt, FLT_MIN)
-        log_m = _log_mix(m)
-        terms = _kl_terms(ps, log_ps, log_m)
-        g = log_ps - log_m - alpha * ps * _fast_rcp(m)
-    else:  # tvd
-        terms = 0.5 * tl.abs(ps - pt)
+        lm = _lg2(m)
+        terms = ps * (l2s - lm)
+        g = LN2 * (l2s - lm) - alpha * ps * _fast_rcp(m)
+    else:  # tvd, in bits like the others
+        terms = (0.5 * LOG2E) * tl.abs(ps - pt)
         g = tl.where(ps > pt, 0.5, tl.where(ps < pt, -0.5, 0.0))
     return terms, g
 
 
+# The symmetric JSD's constant, in bits: 1/2 (sum p_S + sum p_T) = 1, which :func:`_jsd_sum` leaves out.
+JSD_CONSTANT: tl.constexpr = tl.constexpr(1.0)
+
+
 @triton.jit
-def _jsd_terms(log_ps, ps, log_pt, pt):
-    """Symmetric JSD terms (the switching criterion), nats."""
-    log_m = _log_mix(0.5 * ps + 0.5 * pt)
-    return 0.5 * _kl_terms(pt, log_pt, log_m) + 0.5 * _kl_terms(ps, log_ps, log_m)
+def _jsd_sum(acc, l2s, ps, l2t, pt):
+    """``acc`` plus one tile's symmetric JSD terms (the switching criterion) in bits, times 2 and less
+    JSD_CONSTANT: with ``q = p_S + p_T`` the mixture is ``q / 2``, so ``p log2(p / (q/2)) = p (log2 p - log2 q) + p``,
+    and the ``+ p`` terms sum to 1 bit. Each term stays ``p`` times a log-ratio, as exact as the direct form; the
+    products fuse into their adds when ``acc`` is per column."""
+    lq = _lg2(tl.maximum(ps + pt, FLT_MIN))
+    return acc + ps * (l2s - lq) + pt * (l2t - lq)
 
 
 @triton.jit
@@ -131,6 +133,16 @@ def _fold(x, BLOCK: tl.constexpr):
     """A tile's per-column values summed over each thread's LANE_GROUP adjacent columns (no cross-thread traffic):
     running sums kept this way take one register per group instead of one per column."""
     return tl.sum(tl.reshape(x, [BLOCK // LANE_GROUP, LANE_GROUP]), 1)
+
+
+@triton.jit
+def _accumulate(acc, x, BLOCK: tl.constexpr):
+    """``acc + x`` for a running sum kept per column (``acc`` of BLOCK elements: a product in ``x`` and the add fuse
+    into one FFMA) or per lane group (:func:`_fold`: fewer registers, one more add per column)."""
+    if acc.shape[0] == BLOCK:
+        return acc + x
+    else:
+        return acc + _fold(x, BLOCK)
 
 
 @triton.jit
@@ -171,20 +183,20 @@ def _loss_trip(s_row, t_row, grad_row, i, s_raw, t_raw, lo, hi, n_tiles, scale2,
     """Trip ``i`` of a loss sweep, on raw tiles loaded a trip earlier: load tile ``i + 1`` (fkl has no gradient
     sweep, so this is its last read of the logits), then accumulate the loss terms and either store the fkl gradient
     ``(p_S - p_T) * grad_scale`` (``1 / T`` times the reduction's weight) or accumulate the centring term ``p_S * g``
-    (both sums folded per lane group). Returns the sums, the next raw tiles, and this tile's columns,
-    log-probabilities and probabilities."""
+    (both sums folded per lane group; the loss in bits). Returns the sums, the next raw tiles, and this tile's
+    columns, base-2 log-probabilities and probabilities."""
     s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, REVERSE, BLOCK, KIND == FKL)
     cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
-    log_ps, ps = _log_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
-    log_pt, pt = _log_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
-    terms, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
-    loss_acc += _fold(terms, BLOCK)  # columns past the end load -inf: p = 0 there, and so is every term
+    l2s, ps = _log2_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
+    l2t, pt = _log2_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
+    terms, g = _loss_terms(l2s, ps, l2t, pt, alpha, beta, KIND)
+    loss_acc = _accumulate(loss_acc, terms, BLOCK)  # columns past the end load -inf: p = 0 there, as is every term
     if HAS_GRAD:
         if KIND == FKL:
             _store_grad(grad_row + cols, (ps - pt) * grad_scale, cols < hi)
         else:
             g_acc += _fold(ps * g, BLOCK)
-    return loss_acc, g_acc, s_next, t_next, cols, log_ps, ps, log_pt, pt
+    return loss_acc, g_acc, s_next, t_next, cols, l2s, ps, l2t, pt
 
 
 @triton.jit
@@ -195,7 +207,7 @@ def _loss_sweep(
     lo, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta,
     KIND: tl.constexpr, HAS_GRAD: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Loss terms and centring sum ``sum(p_S * g)`` over columns ``[lo, hi)``: two exp2 per logit pair,
+    """Loss (nats) and centring sum ``sum(p_S * g)`` over columns ``[lo, hi)``: two exp2 per logit pair,
     plus one log for the mixture kinds; a tile ahead in flight (:func:`_prefetch`)."""
     loss_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
@@ -205,7 +217,7 @@ def _loss_sweep(
         loss_acc, g_acc, s_tile, t_tile, _, _, _, _, _ = _loss_trip(
             s_row, t_row, grad_row, i, s_tile, t_tile, lo, hi, n_tiles, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha,
             beta, loss_acc, g_acc, KIND, HAS_GRAD, REVERSE, BLOCK)
-    return tl.sum(loss_acc, 0), tl.sum(g_acc, 0)
+    return tl.sum(loss_acc, 0) * LN2, tl.sum(g_acc, 0)
 
 
 @triton.jit
@@ -225,9 +237,9 @@ def _grad_sweep(
         s_raw, t_raw = s_next, t_next
         s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, False, BLOCK, True)
         cols = lo + i * BLOCK + tl.arange(0, BLOCK)
-        log_ps, ps = _log_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
-        log_pt, pt = _log_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
-        _, g = _loss_terms(log_ps, ps, log_pt, pt, alpha, beta, KIND)
+        l2s, ps = _log2_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
+        l2t, pt = _log2_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
+        _, g = _loss_terms(l2s, ps, l2t, pt, alpha, beta, KIND)
         _store_grad(grad_row + cols, ps * (g - g_mean) * grad_scale, cols < hi)
 
 

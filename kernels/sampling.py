@@ -9,7 +9,7 @@ program whose column range holds ``u`` sums its tiles, and only the tile holding
 import triton
 import triton.language as tl
 
-from .divergence import _log_probs
+from .divergence import _log2_probs
 from .split import NO_SAMPLE, _row_stats
 
 NO_TOKEN: tl.constexpr = tl.constexpr(-1)  # a scan's token before it is found
@@ -98,7 +98,7 @@ def _sample_kernel(
             if token == NO_TOKEN:
                 cols = start + tl.arange(0, BLOCK)
                 x2 = tl.load(x_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32) * scale2
-                _log_p, p = _log_probs(x2, m, lz)
+                _l2p, p = _log2_probs(x2, m, lz)
                 running, token, last = _cdf_tile(p, cols, running, u, token, last)
         token = _scan_result(token, last)
     tl.store(tokens_ptr + row, token.to(tl.int64))

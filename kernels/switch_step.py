@@ -16,10 +16,13 @@ import triton.language as tl
 
 from .divergence import (
     FKL,
+    JSD_CONSTANT,
     LANE_GROUP,
+    LN2,
     NEG_BIG,
+    _accumulate,
     _fold,
-    _jsd_terms,
+    _jsd_sum,
     _loss_trip,
     _nan_unless,
     _prefetch,
@@ -115,18 +118,18 @@ def _switch_step_kernel(
         t_at_student = tl.load(t_row + tok_s, mask=(tok_s >= 0) & (tok_s < V), other=-float("inf")).to(tl.float32)
 
     grad_scale = _nan_unless(valid, inv_temp)
-    jsd_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
-    loss_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
+    jsd_acc = tl.zeros([BLOCK], dtype=tl.float32)  # per column: each product fuses into its add
+    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
     g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     rank_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.int32)
     n_tiles = tl.cdiv(hi - lo, BLOCK)
     s_tile, t_tile = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, False, BLOCK, KIND == FKL)
     for i in range(0, n_tiles):
         t = t_tile.to(tl.float32)  # this trip's raw teacher logits, which topk ranks
-        loss_acc, g_acc, s_tile, t_tile, cols, log_ps, ps, log_pt, pt = _loss_trip(
+        loss_acc, g_acc, s_tile, t_tile, cols, l2s, ps, l2t, pt = _loss_trip(
             s_row, t_row, grad_row, i, s_tile, t_tile, lo, hi, n_tiles, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha,
             beta, loss_acc, g_acc, KIND, HAS_GRAD, False, BLOCK)
-        jsd_acc += _fold(_jsd_terms(log_ps, ps, log_pt, pt), BLOCK)
+        jsd_acc = _jsd_sum(jsd_acc, l2s, ps, l2t, pt)
         if TOPK:  # on the raw logits, as the reference ranks them
             rank_acc += _fold((t > t_at_student).to(tl.int32), BLOCK)
         if not GREEDY:
@@ -141,9 +144,9 @@ def _switch_step_kernel(
             tl.store(t_tokens_ptr + row, _scan_result(found_t, last_t).to(tl.int64))
     out = sums_ptr + (row * n_splits + split) * SUMS
     # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0: such rows report NaN.
-    tl.store(out, _nan_unless(valid, tl.sum(loss_acc, 0)))
+    tl.store(out, _nan_unless(valid, tl.sum(loss_acc, 0) * LN2))  # nats; the sweeps sum bits
     tl.store(out + 1, tl.sum(g_acc, 0))
-    tl.store(out + 2, _nan_unless(valid, tl.sum(jsd_acc, 0)))
+    tl.store(out + 2, _nan_unless(valid, tl.sum(jsd_acc, 0) * (0.5 * LN2)))  # less JSD_CONSTANT: the finish adds it
     tl.store(out + 3, tl.sum(rank_acc, 0).to(tl.float32))
 
 
@@ -161,7 +164,7 @@ def _switch_step_finish_kernel(
     TOPK: tl.constexpr, POS_SCALAR: tl.constexpr, SPLITS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    divergence = _sum_splits(sums_ptr, row, n_splits, 2, SPLITS)
+    divergence = _sum_splits(sums_ptr, row, n_splits, 2, SPLITS) + JSD_CONSTANT * LN2
     if TOPK:
         switch = _sum_splits(sums_ptr, row, n_splits, 3, SPLITS) >= top_k
     else:  # the spec's threshold rule, from its coefficients; NaN rows never switch

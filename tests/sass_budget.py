@@ -24,6 +24,8 @@ CASES = {
     "switch_step phase 1 (statistics)": (lambda: aot_compile.switch_step_case("bf16"), "_stats_kernel"),
     "switch_step phase 2 (jsd, fkl loss and gradient; the sampling scans cold)": (
         lambda: aot_compile.switch_step_case("bf16"), "_switch_step_kernel"),
+    "switch_step phase 2, decoding (jsd and fkl loss, no gradient)": (
+        lambda: aot_compile.switch_step_case("bf16", has_grad=False), "_switch_step_kernel"),
     "kd_loss jsd, one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="jsd"), "_kd_loss_kernel"),
     "kd_loss fkl, one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="fkl"), "_kd_loss_kernel"),
     "kd_loss srkl (the default kind), one program per row": (lambda: aot_compile.kd_loss_case("bf16", kind="srkl"),
