@@ -20,7 +20,6 @@ from .divergence import (
     LANE_GROUP,
     LN2,
     NEG_BIG,
-    _accumulate,
     _fold,
     _jsd_sum,
     _loss_trip,
