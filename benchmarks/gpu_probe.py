@@ -2,8 +2,8 @@
 
 ``python benchmarks/gpu_probe.py kd OUT.json``: kd_loss jsd fwd+bwd at 8192 x 128256 bf16: the autotuner's timing of
 each config, then per call and replayed from a CUDA graph.
-``python benchmarks/gpu_probe.py switch OUT.json``: the switch step at V = 128256 per batch and split count, with the
-low-register phase-2 configs added, replayed from CUDA graphs.
+``python benchmarks/gpu_probe.py switch OUT.json``: the switch step at V = 128256 per batch and split count, as three
+launches and as one (``SWITCHKD_FUSED_STEP``), checked against each other and replayed from CUDA graphs.
 ``python benchmarks/gpu_probe.py ncu``: one launch of each kernel with a fixed config, for ``ncu``.
 Every timing is printed and written to OUT.json with the registers and spills of every kernel compiled."""
 
@@ -17,7 +17,7 @@ import triton.testing
 import switchkd
 from switchkd.kernels.kd_loss import _kd_loss_kernel
 from switchkd.kernels.split import _stats_kernel
-from switchkd.kernels.switch_step import _switch_step_kernel
+from switchkd.kernels.switch_step import _switch_step_fused_kernel, _switch_step_kernel
 from switchkd.ops.switch_step import switch_step_triton
 
 POLICY = switchkd.SwitchPolicy("exp", tau0=0.2, decay=0.01)
@@ -43,10 +43,6 @@ def tuning(kernel, label):
     for config, ms in sorted(getattr(kernel, "configs_timings", {}).items(), key=lambda kv: kv[1][0]):
         print(f"  tuning {label}: {config} -> {ms[0] * 1e3:.1f} us", flush=True)
         ROWS.append({"name": f"tuning {label}", "config": str(config), "us": ms[0] * 1e3})
-
-
-def config(block, warps, maxnreg, **meta):
-    return triton.Config({"BLOCK": block, **meta}, num_warps=warps, num_stages=2, maxnreg=maxnreg)
 
 
 def compiled(kernel, label):
@@ -77,27 +73,29 @@ def kd():
 
 
 def switch():
-    configs = _switch_step_kernel.configs + [config(1024, 4, 80), config(1024, 4, 64), config(2048, 8, 80),
-                                             config(512, 2, 80)]
-    for b, splits_list in ((1, (None,)), (32, (None, 32, 64)), (256, (None, 4, 8, 16))):
+    """Three launches against one (``_switch_step_fused_kernel``) per batch and split count. Each row first checks on
+    this GPU that the one launch gives the three launches' tokens and decisions (its programs really run together
+    here, which the interpreter cannot show), then times both from CUDA graphs."""
+    for b, splits_list in ((1, (None,)), (32, (None, 16, 32)), (256, (None, 4, 8, 16))):
         s, t = logits(b, 128256, 3), logits(b, 128256, 4)
         pos = torch.randint(0, 200, (b,), device="cuda")
         for splits in splits_list:
-            for label, kernel_configs in (("standard", _switch_step_kernel.configs[:4]), ("low-reg", configs)):
-                if splits is None and label == "low-reg" and b == 1:
-                    continue
-                _switch_step_kernel.configs = kernel_configs
-                _switch_step_kernel.cache.clear()
-
-                def step(s=s, t=t, pos=pos, splits=splits):
-                    return switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl",
-                                              alpha=0.1, beta=0.5, need_grad=False, splits=splits)
+            def step(fused, s=s, t=t, pos=pos, splits=splits):
+                return switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl",
+                                          alpha=0.1, beta=0.5, need_grad=False, splits=splits, fused=fused)[0]
+            three, one = step(False), step(True)
+            same = all(torch.equal(getattr(one, k), getattr(three, k)) for k in ("tokens", "from_teacher"))
+            gap = (one.divergence - three.divergence).abs().max().item()
+            print(f"switch_step {b}x128256 splits {splits or 'plan'}: one launch = three: {same}, divergence gap "
+                  f"{gap:.2e}", flush=True)
+            ROWS.append({"name": f"check {b} {splits}", "same_tokens": same, "divergence_gap": gap})
+            for fused, label in ((False, "three launches"), (True, "one launch")):
                 name = f"switch_step {b}x128256 splits {splits or 'plan'} {label}"
-                bench(name, step, graph=True, batch=b, splits=splits)
-                tuning(_switch_step_kernel, name)
-        _switch_step_kernel.configs = configs[:4]
+                bench(name, lambda fused=fused: step(fused), graph=True, batch=b, splits=splits, fused=fused)
+                tuning(_switch_step_fused_kernel if fused else _switch_step_kernel, name)
     compiled(_switch_step_kernel, "switch phase 2")
     compiled(_stats_kernel, "switch phase 1")
+    compiled(_switch_step_fused_kernel, "switch one launch")
 
 
 def fix(kernel, **kw):

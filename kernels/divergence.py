@@ -120,15 +120,6 @@ def _jsd_sum(acc, l2s, ps, l2t, pt):
 
 
 @triton.jit
-def _tile_start(i, lo, n_tiles, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    """First column of the ``i``-th tile of ``[lo, lo + n_tiles * BLOCK)``, last tile first when REVERSE
-    (a sweep that follows another in the opposite direction starts on what is still in L2)."""
-    if REVERSE:
-        return lo + (n_tiles - 1 - i) * BLOCK
-    return lo + i * BLOCK
-
-
-@triton.jit
 def _fold(x, BLOCK: tl.constexpr):
     """A tile's per-column values summed over each thread's LANE_GROUP adjacent columns (no cross-thread traffic):
     running sums kept this way take one register per group instead of one per column."""
@@ -146,15 +137,22 @@ def _accumulate(acc, x, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptrs, mask, LAST_READ: tl.constexpr):
-    """A raw tile, -inf where masked; marked to leave L2 first when no later sweep reads it. With the gradient's
-    stores marked the same way and the statistics sweep's reads marked to stay (``split._whole_tiles``), the later
-    sweeps find more of a row in L2: on an H200, kd_loss jsd 8192 x 128256 bf16 took 3.567 ms instead of 3.608, and
-    its 255-register config 4.045 instead of 4.199 (benchmarks/RESULTS.md)."""
-    if LAST_READ:
-        tile = tl.load(ptrs, mask=mask, other=-float("inf"), eviction_policy="evict_first")
+def _load_tile(ptrs, mask, LAST_READ: tl.constexpr, FILL: tl.constexpr):
+    """A raw tile; FILL: -inf where masked (a partial tile), else nothing is filled (a whole tile read or skipped as a
+    unit: no register set up per column). LAST_READ marks it to leave L2 first: no later sweep reads it. With the
+    gradient's stores marked the same way and the statistics sweep's reads marked to stay (``split._whole_tiles``),
+    the later sweeps find more of a row in L2: on an H200, kd_loss jsd 8192 x 128256 bf16 took 3.567 ms instead of
+    3.608, and its 255-register config 4.045 instead of 4.199 (benchmarks/RESULTS.md)."""
+    if FILL:
+        if LAST_READ:
+            tile = tl.load(ptrs, mask=mask, other=-float("inf"), eviction_policy="evict_first")
+        else:
+            tile = tl.load(ptrs, mask=mask, other=-float("inf"))
     else:
-        tile = tl.load(ptrs, mask=mask, other=-float("inf"))
+        if LAST_READ:
+            tile = tl.load(ptrs, mask=mask, eviction_policy="evict_first")
+        else:
+            tile = tl.load(ptrs, mask=mask)
     return tile
 
 
@@ -165,38 +163,62 @@ def _store_grad(ptrs, grad, mask):
 
 
 @triton.jit
-def _prefetch(s_row, t_row, i, lo, hi, n_tiles, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
-              LAST_READ: tl.constexpr = False):
-    """Both rows' raw tiles ``i`` (logits dtype, -inf past ``hi``; nothing is read when ``i == n_tiles``);
-    ``LAST_READ``: no later sweep reads them. Sweeps load tile ``i + 1`` before the math of tile ``i``, so each
-    thread has a tile of loads in flight while it computes: without it every trip waits a full memory latency
-    (measured on an H200: 16 warps per SM, 0.43 instructions per cycle per scheduler)."""
-    cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
-    mask = (cols >= lo) & (cols < hi)  # tile n_tiles lies past hi, or (REVERSE) before lo
-    return _load_tile(s_row + cols, mask, LAST_READ), _load_tile(t_row + cols, mask, LAST_READ)
+def _pair(s_row, t_row, start, first, end, LAST_READ: tl.constexpr, BLOCK: tl.constexpr):
+    """Both rows' whole raw tiles at ``start``, read only when ``first <= start < end``: one predicate for the whole
+    tile, so the loads stay 16-byte vectors with nothing filled. Sweeps load the tile of their next trip before the
+    math of this one, so each thread has a tile of loads in flight while it computes: without it every trip waits a
+    full memory latency (measured on an H200: 16 warps per SM, 0.43 instructions per cycle per scheduler)."""
+    cols = start + tl.arange(0, BLOCK)
+    at = tl.full([BLOCK], start, tl.int32)
+    inside = (at >= first) & (at < end)
+    return _load_tile(s_row + cols, inside, LAST_READ, False), _load_tile(t_row + cols, inside, LAST_READ, False)
 
 
 @triton.jit
-def _loss_trip(s_row, t_row, grad_row, i, s_raw, t_raw, lo, hi, n_tiles, scale2, grad_scale, m_s, lz_s, m_t, lz_t,
-               alpha, beta, loss_acc, g_acc, KIND: tl.constexpr, HAS_GRAD: tl.constexpr, REVERSE: tl.constexpr,
-               BLOCK: tl.constexpr):
-    """Trip ``i`` of a loss sweep, on raw tiles loaded a trip earlier: load tile ``i + 1`` (fkl has no gradient
-    sweep, so this is its last read of the logits), then accumulate the loss terms and either store the fkl gradient
-    ``(p_S - p_T) * grad_scale`` (``1 / T`` times the reduction's weight) or accumulate the centring term ``p_S * g``
-    (both sums folded per lane group; the loss in bits). Returns the sums, the next raw tiles, and this tile's
-    columns, base-2 log-probabilities and probabilities."""
-    s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, REVERSE, BLOCK, KIND == FKL)
-    cols = _tile_start(i, lo, n_tiles, REVERSE, BLOCK) + tl.arange(0, BLOCK)
+def _partial_pair(s_row, t_row, start, hi, LAST_READ: tl.constexpr, BLOCK: tl.constexpr):
+    """Both rows' raw tiles at ``start``, -inf from ``hi`` on: the last, partial tile of a sweep."""
+    cols = start + tl.arange(0, BLOCK)
+    return (_load_tile(s_row + cols, cols < hi, LAST_READ, True),
+            _load_tile(t_row + cols, cols < hi, LAST_READ, True))
+
+
+@triton.jit
+def _whole_span(lo, hi, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """A sweep's whole tiles over ``[lo, hi)``: their count, the end of the last, the first one's start and the step
+    (backwards when REVERSE: a sweep that follows another in the opposite direction starts on what is still in L2).
+    The partial tile ``[end, hi)``, if any, comes last (first when REVERSE)."""
+    n_whole = (hi - lo) // BLOCK
+    end = lo + n_whole * BLOCK
+    if REVERSE:
+        start = end - BLOCK
+        step = -BLOCK
+    else:
+        start = lo
+        step = BLOCK
+    return n_whole, end, start, step
+
+
+@triton.jit
+def _loss_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, loss_acc,
+               g_acc, KIND: tl.constexpr, HAS_GRAD: tl.constexpr, WHOLE: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of a loss sweep, at column ``start``, on raw tiles (-inf past the end: p = 0 there, as is every term):
+    accumulate the loss terms (bits) and either store the fkl gradient ``(p_S - p_T) * grad_scale`` (``1 / T`` times
+    the reduction's weight; a WHOLE tile stores unmasked) or accumulate the centring term ``p_S * g``. Returns the
+    sums and the tile's base-2 log-probabilities and probabilities."""
     l2s, ps = _log2_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
     l2t, pt = _log2_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
     terms, g = _loss_terms(l2s, ps, l2t, pt, alpha, beta, KIND)
-    loss_acc = _accumulate(loss_acc, terms, BLOCK)  # columns past the end load -inf: p = 0 there, as is every term
+    loss_acc = _accumulate(loss_acc, terms, BLOCK)
     if HAS_GRAD:
         if KIND == FKL:
-            _store_grad(grad_row + cols, (ps - pt) * grad_scale, cols < hi)
+            cols = start + tl.arange(0, BLOCK)
+            if WHOLE:
+                _store_grad(grad_row + cols, (ps - pt) * grad_scale, None)
+            else:
+                _store_grad(grad_row + cols, (ps - pt) * grad_scale, cols < hi)
         else:
             g_acc += _fold(ps * g, BLOCK)
-    return loss_acc, g_acc, s_next, t_next, cols, l2s, ps, l2t, pt
+    return loss_acc, g_acc, l2s, ps, l2t, pt
 
 
 @triton.jit
@@ -208,16 +230,41 @@ def _loss_sweep(
     KIND: tl.constexpr, HAS_GRAD: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Loss (nats) and centring sum ``sum(p_S * g)`` over columns ``[lo, hi)``: two exp2 per logit pair,
-    plus one log for the mixture kinds; a tile ahead in flight (:func:`_prefetch`)."""
+    plus one log for the mixture kinds; whole tiles a trip ahead in flight (:func:`_pair`), then the partial one.
+    fkl has no gradient sweep, so this is its last read of the logits."""
     loss_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
-    n_tiles = tl.cdiv(hi - lo, BLOCK)
-    s_tile, t_tile = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, REVERSE, BLOCK, KIND == FKL)
-    for i in range(0, n_tiles):
-        loss_acc, g_acc, s_tile, t_tile, _, _, _, _, _ = _loss_trip(
-            s_row, t_row, grad_row, i, s_tile, t_tile, lo, hi, n_tiles, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha,
-            beta, loss_acc, g_acc, KIND, HAS_GRAD, REVERSE, BLOCK)
+    n_whole, end, start, step = _whole_span(lo, hi, REVERSE, BLOCK)
+    if REVERSE and end < hi:
+        s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, KIND == FKL, BLOCK)
+        loss_acc, g_acc, _, _, _, _ = _loss_trip(grad_row, end, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t,
+                                                 lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD, False, BLOCK)
+    s_next, t_next = _pair(s_row, t_row, start, lo, end, KIND == FKL, BLOCK)
+    for _ in range(0, n_whole):
+        s_raw, t_raw = s_next, t_next
+        s_next, t_next = _pair(s_row, t_row, start + step, lo, end, KIND == FKL, BLOCK)
+        loss_acc, g_acc, _, _, _, _ = _loss_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t,
+                                                 lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD, True, BLOCK)
+        start += step
+    if not REVERSE and end < hi:
+        s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, KIND == FKL, BLOCK)
+        loss_acc, g_acc, _, _, _, _ = _loss_trip(grad_row, end, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t,
+                                                 lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD, False, BLOCK)
     return tl.sum(loss_acc, 0) * LN2, tl.sum(g_acc, 0)
+
+
+@triton.jit
+def _grad_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, g_mean, alpha, beta,
+               KIND: tl.constexpr, WHOLE: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of :func:`_grad_sweep`."""
+    l2s, ps = _log2_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
+    l2t, pt = _log2_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
+    _, g = _loss_terms(l2s, ps, l2t, pt, alpha, beta, KIND)
+    cols = start + tl.arange(0, BLOCK)
+    if WHOLE:
+        _store_grad(grad_row + cols, ps * (g - g_mean) * grad_scale, None)
+    else:
+        _store_grad(grad_row + cols, ps * (g - g_mean) * grad_scale, cols < hi)
 
 
 @triton.jit
@@ -231,16 +278,18 @@ def _grad_sweep(
     """Gradient sweep over ``[lo, hi)`` for kinds whose gradient needs ``g_mean = sum(p_S * g)``:
     ``p_S (g - g_mean) * grad_scale`` (``1 / T`` times the reduction's weight). Each tile is read (a trip ahead)
     before it is written, so ``grad_row`` may be ``s_row``."""
-    n_tiles = tl.cdiv(hi - lo, BLOCK)
-    s_next, t_next = _prefetch(s_row, t_row, 0, lo, hi, n_tiles, False, BLOCK, True)
-    for i in range(0, n_tiles):
+    n_whole, end, start, step = _whole_span(lo, hi, False, BLOCK)
+    s_next, t_next = _pair(s_row, t_row, start, lo, end, True, BLOCK)
+    for _ in range(0, n_whole):
         s_raw, t_raw = s_next, t_next
-        s_next, t_next = _prefetch(s_row, t_row, i + 1, lo, hi, n_tiles, False, BLOCK, True)
-        cols = lo + i * BLOCK + tl.arange(0, BLOCK)
-        l2s, ps = _log2_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
-        l2t, pt = _log2_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
-        _, g = _loss_terms(l2s, ps, l2t, pt, alpha, beta, KIND)
-        _store_grad(grad_row + cols, ps * (g - g_mean) * grad_scale, cols < hi)
+        s_next, t_next = _pair(s_row, t_row, start + step, lo, end, True, BLOCK)
+        _grad_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, g_mean, alpha, beta,
+                   KIND, True, BLOCK)
+        start += step
+    if end < hi:
+        s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, True, BLOCK)
+        _grad_trip(grad_row, end, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, g_mean, alpha, beta,
+                   KIND, False, BLOCK)
 
 
 @triton.jit

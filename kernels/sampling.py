@@ -36,11 +36,12 @@ def _row_uniform(seed_key, row_key, position, model):
 
 
 @triton.jit
-def _cdf_tile(p, cols, running, u, token, last):
-    """One tile of an inverse-CDF scan. ``running`` is the probability before the tile; returns it after the
-    tile, the token (the first column with ``p > 0`` where the running sum passes ``u``, or ``token`` when no
-    column of the tile does) and the last column with ``p > 0`` so far (the token when rounding leaves the
+def _cdf_tile(p, start, running, u, token, last, BLOCK: tl.constexpr):
+    """One tile of an inverse-CDF scan, at column ``start``. ``running`` is the probability before the tile; returns
+    it after the tile, the token (the first column with ``p > 0`` where the running sum passes ``u``, or ``token``
+    when no column of the tile does) and the last column with ``p > 0`` so far (the token when rounding leaves the
     whole scan at or below ``u``)."""
+    cols = start + tl.arange(0, BLOCK)
     tile = tl.sum(p, 0)
     last = tl.maximum(last, tl.max(tl.where(p > 0, cols, NO_TOKEN), 0))
     if running + tile > u:
@@ -99,6 +100,6 @@ def _sample_kernel(
                 cols = start + tl.arange(0, BLOCK)
                 x2 = tl.load(x_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32) * scale2
                 _l2p, p = _log2_probs(x2, m, lz)
-                running, token, last = _cdf_tile(p, cols, running, u, token, last)
+                running, token, last = _cdf_tile(p, start, running, u, token, last, BLOCK)
         token = _scan_result(token, last)
     tl.store(tokens_ptr + row, token.to(tl.int64))

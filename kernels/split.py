@@ -58,6 +58,12 @@ def row_kernel_configs():
     ]
 
 
+def fused_step_configs():
+    """Configs of the one-launch switch step: those of :func:`gpu_tile_configs` that leave an SM room for more than
+    one program (a 16-warp program at 128 registers takes the whole register file)."""
+    return gpu_tile_configs()[:3]
+
+
 ALIGNED_ARGS = ("V", "s_stride", "t_stride", "grad_stride")  # integers a capped config needs divisible by 16
 
 
@@ -114,14 +120,15 @@ class InPlaceGradGuard:
             self.saved = None
 
 
-def autotuned(key, writes_grad=False, gpu_configs=gpu_tile_configs):
+def autotuned(key, writes_grad=False, gpu_configs=gpu_tile_configs, reset_to_zero=None):
     """``triton.autotune`` with switchkd's tile configs and pruning, keyed on ``key`` (+ dtypes);
-    ``writes_grad``: the kernel may write ``grad_ptr`` in place of ``s_ptr`` (see :class:`InPlaceGradGuard`)."""
+    ``writes_grad``: the kernel may write ``grad_ptr`` in place of ``s_ptr`` (see :class:`InPlaceGradGuard`);
+    ``reset_to_zero``: arguments zeroed before each timing run and after the tuning (barrier counters)."""
     hooks = {}
     if writes_grad:
         guard = InPlaceGradGuard()
         hooks = {"pre_hook": guard.before, "post_hook": guard.after}
-    return triton.autotune(configs=tile_configs(gpu_configs), key=key,
+    return triton.autotune(configs=tile_configs(gpu_configs), key=key, reset_to_zero=reset_to_zero,
                            prune_configs_by={"early_config_prune": prune_tiles}, **hooks)
 
 
@@ -280,6 +287,28 @@ def _sum_splits(sums_ptr, row, n_splits, field, SPLITS: tl.constexpr):
     return tl.sum(tl.load(sums_ptr + (row * n_splits + k) * SUMS + field, mask=k < n_splits, other=0.0), 0)
 
 
+@triton.jit
+def _stats_chunk(s_ptr, t_ptr, stats_ptr, cand_ptr, cand_col_ptr, row, split, n_splits, s_stride, t_stride, V, chunk,
+                 scale2, SAMPLE: tl.constexpr, SAMPLE_S: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase 1 of one chunk of one row: store its softmax statistics (one exp2 per logit) and, for greedy decoding,
+    each model's argmax candidate (``SAMPLE`` for the teacher, ``SAMPLE_S`` for the student: NO_SAMPLE when its tokens
+    are given). Sampled tokens are drawn in the next phase, by inverse CDF over these statistics."""
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, V)
+    m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _row_stats(s_ptr + row * s_stride, t_ptr + row * t_stride, lo,
+                                                                   hi, scale2, SAMPLE_S, SAMPLE, True, BLOCK)
+    out = row * n_splits + split
+    tl.store(stats_ptr + out * STATS, m_s)
+    tl.store(stats_ptr + out * STATS + 1, z_s)
+    tl.store(stats_ptr + out * STATS + 2, m_t)
+    tl.store(stats_ptr + out * STATS + 3, z_t)
+    if SAMPLE == GREEDY:
+        tl.store(cand_ptr + out * 2, best_s)
+        tl.store(cand_ptr + out * 2 + 1, best_t)
+        tl.store(cand_col_ptr + out * 2, col_s)
+        tl.store(cand_col_ptr + out * 2 + 1, col_t)
+
+
 @autotuned(key=["V", "chunk", "SAMPLE", "SAMPLE_S"])
 @triton.jit
 def _stats_kernel(
@@ -291,25 +320,9 @@ def _stats_kernel(
     s_stride, t_stride, V, chunk, scale2,
     SAMPLE: tl.constexpr, SAMPLE_S: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Phase 1: softmax statistics (one exp2 per logit) of one chunk of one row and, for greedy decoding, each
-    model's argmax candidate (``SAMPLE`` for the teacher, ``SAMPLE_S`` for the student: NO_SAMPLE when its tokens
-    are given). Sampled tokens are drawn in the next phase, by inverse CDF over these statistics."""
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, V)
-    m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _row_stats(s_ptr + row * s_stride, t_ptr + row * t_stride, lo,
-                                                                   hi, scale2, SAMPLE_S, SAMPLE, True, BLOCK)
-    out = row * tl.num_programs(1) + split
-    tl.store(stats_ptr + out * STATS, m_s)
-    tl.store(stats_ptr + out * STATS + 1, z_s)
-    tl.store(stats_ptr + out * STATS + 2, m_t)
-    tl.store(stats_ptr + out * STATS + 3, z_t)
-    if SAMPLE == GREEDY:
-        tl.store(cand_ptr + out * 2, best_s)
-        tl.store(cand_ptr + out * 2 + 1, best_t)
-        tl.store(cand_col_ptr + out * 2, col_s)
-        tl.store(cand_col_ptr + out * 2 + 1, col_t)
+    """Phase 1 over a ``(R, S)`` grid (:func:`_stats_chunk`)."""
+    _stats_chunk(s_ptr, t_ptr, stats_ptr, cand_ptr, cand_col_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1),
+                 tl.num_programs(1), s_stride, t_stride, V, chunk, scale2, SAMPLE, SAMPLE_S, BLOCK)
 
 
 @autotuned(key=["V", "chunk", "KIND"], writes_grad=True)

@@ -30,7 +30,8 @@ SPLITS = 4
 # module → kernels its launchers may start
 KERNELS = {"split": ("_stats_kernel", "_grad_kernel"),
            "kd_loss": ("_kd_loss_kernel", "_kd_loss_split_kernel", "_scale_grad_kernel", "_scaled_copy_kernel"),
-           "switch_step": ("_switch_step_kernel", "_switch_step_finish_kernel"), "sampling": ("_sample_kernel",)}
+           "switch_step": ("_switch_step_kernel", "_switch_step_finish_kernel", "_switch_step_fused_kernel"),
+           "sampling": ("_sample_kernel",)}
 kd_loss_op = importlib.import_module("switchkd.ops.kd_loss")
 switch_step_op = importlib.import_module("switchkd.ops.switch_step")
 stored_grad = importlib.import_module("switchkd.ops.stored_grad")
@@ -73,14 +74,14 @@ def _record(launch):
 
 
 def switch_step_case(dtype, policy="exp", kind="fkl", greedy=False, scalar_args=False, has_grad=True,
-                     given_student=False, splits=SPLITS):
+                     given_student=False, splits=SPLITS, fused=False):
     s = torch.zeros(2, VOCAB, dtype=DTYPES[dtype], requires_grad=has_grad)
     positions = 3 if scalar_args else torch.zeros(2, dtype=torch.int64)
     keys = None if scalar_args else torch.zeros(2, dtype=torch.int64)
     given = torch.zeros(2, dtype=torch.int64) if given_student else None
     return _record(lambda: switch_step_op.switch_step_triton(
         s, s.detach(), positions, keys, policy=SwitchPolicy(policy), temperature=0.0 if greedy else 1.0, seed=0,
-        kind=kind, alpha=0.1, beta=0.5, need_grad=has_grad, splits=splits, student_tokens=given))
+        kind=kind, alpha=0.1, beta=0.5, need_grad=has_grad, splits=splits, student_tokens=given, fused=fused))
 
 
 def kd_loss_case(dtype, kind="srkl", has_labels=True, has_grad=True, splits=1, weighted=True):
@@ -129,6 +130,14 @@ def cases():
     out["sm90-bf16-switch_step-given-student-nograd"] = (
         90, switch_step_case, ("bf16",), {"given_student": True, "has_grad": False, "policy": "topk"})
     out["sm90-bf16-switch_step-one-split"] = (90, switch_step_case, ("bf16",), {"splits": 1})
+    # the one-launch step (SWITCHKD_FUSED_STEP=1): the defaults on both archs, then greedy, topk and a mixture kind
+    for arch in (80, 90):
+        out[f"sm{arch}-bf16-switch_step-fused"] = (arch, switch_step_case, ("bf16",), {"fused": True})
+    out["sm90-fp32-switch_step-fused-greedy-scalars-nograd"] = (
+        90, switch_step_case, ("fp32",), {"fused": True, "greedy": True, "scalar_args": True, "has_grad": False})
+    out["sm90-bf16-switch_step-fused-topk-given-student-nograd"] = (
+        90, switch_step_case, ("bf16",), {"fused": True, "policy": "topk", "given_student": True, "has_grad": False})
+    out["sm90-bf16-switch_step-fused-jsd"] = (90, switch_step_case, ("bf16",), {"fused": True, "kind": "jsd"})
     out["sm90-bf16-switch_step-greedy-scalars-nograd"] = (
         90, switch_step_case, ("bf16",), {"greedy": True, "scalar_args": True, "has_grad": False})
     for splits in (1, SPLITS):

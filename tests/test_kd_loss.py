@@ -30,7 +30,7 @@ CASES = [
     (1, 151936, [torch.bfloat16], [KINDS[2]]),
 ]
 AUTOTUNED = [split_kernels._stats_kernel, split_kernels._grad_kernel, kd_kernels._kd_loss_kernel,
-             kd_kernels._kd_loss_split_kernel, step_kernels._switch_step_kernel]
+             kd_kernels._kd_loss_split_kernel, step_kernels._switch_step_kernel, step_kernels._switch_step_fused_kernel]
 # Every tile the autotuner can pick on a GPU (warps and stages do not change what the interpreter computes).
 GPU_TILES = {c.kwargs["BLOCK"]: c for c in split_kernels.gpu_tile_configs()}
 

@@ -17,9 +17,10 @@ from sass_budget import CASES, loops
 # instructions per vocabulary column, all the kernel's loading loops together (about 10% above today's counts)
 BUDGETS = {
     "switch_step phase 1 (statistics)": 15,
-    "switch_step phase 2 (jsd, fkl loss and gradient; the sampling scans cold)": 31,
-    "switch_step phase 2, decoding (jsd and fkl loss, no gradient)": 28,
-    "kd_loss jsd, one program per row": 72,
+    "switch_step phase 2 (jsd, fkl loss and gradient; the sampling scans cold)": 30,
+    "switch_step phase 2, decoding (jsd and fkl loss, no gradient)": 26,
+    "switch_step in one launch, decoding (statistics, then jsd and fkl loss)": 42,
+    "kd_loss jsd, one program per row": 71,
     "kd_loss fkl, one program per row": 38,
     "kd_loss srkl (the default kind), one program per row": 70,
     "kd_loss split phase 1 (statistics)": 15,

@@ -27,6 +27,13 @@ POLICY = SwitchPolicy("exp", tau0=0.3, decay=0.05)
 DECISION_MARGIN = 1e-5
 
 
+@pytest.fixture(params=["three launches", "one launch"])
+def launches(request, monkeypatch):
+    """The switch step as three launches (the default) and as one (``SWITCHKD_FUSED_STEP=1``), which the
+    interpreter runs as its two halves."""
+    monkeypatch.setenv("SWITCHKD_FUSED_STEP", "1" if request.param == "one launch" else "0")
+
+
 def assert_same_decisions(out, ref, thresholds):
     clear = (ref.divergence.double() - thresholds).abs() > DECISION_MARGIN
     assert torch.equal(out.from_teacher[clear], ref.from_teacher[clear])
@@ -49,7 +56,7 @@ def check_step(s, t, positions, temperature, **kwargs):
 
 @pytest.mark.parametrize("rows, vocab, dtype, temperature", [
     (r, v, d, tt) for r, v, dtypes, temps in CASES for d in dtypes for tt in temps], ids=str)
-def test_matches_reference(rows, vocab, dtype, temperature):
+def test_matches_reference(rows, vocab, dtype, temperature, launches):
     s, t = random_logits(rows, vocab, dtype), random_logits(rows, vocab, dtype)
     check_step(s, t, torch.randint(0, 60, (rows,), device=DEVICE), temperature)
 
@@ -83,12 +90,12 @@ def loss_and_grad(s, t, kind, params, splits=None):
 @pytest.mark.parametrize("kind, params", KINDS, ids=str)
 @pytest.mark.parametrize("rows, vocab, dtype", [(3, 1271, torch.float32), (3, 7, torch.bfloat16),
                                                 (3, 7, torch.float16)], ids=str)
-def test_loss_and_gradient(rows, vocab, dtype, kind, params):
+def test_loss_and_gradient(rows, vocab, dtype, kind, params, launches):
     loss_and_grad(random_logits(rows, vocab, dtype), random_logits(rows, vocab, dtype), kind, params)
 
 
 @pytest.mark.parametrize("block", sorted(GPU_TILES))
-def test_every_gpu_tile_matches_reference(block):
+def test_every_gpu_tile_matches_reference(block, launches):
     """Each tile config the GPU autotuner may pick: tokens, decisions, divergence, loss and gradient."""
     s, t = random_logits(2, 20000, torch.bfloat16), random_logits(2, 20000, torch.bfloat16)
     with only_config(GPU_TILES[block]):
@@ -98,6 +105,25 @@ def test_every_gpu_tile_matches_reference(block):
                                  kind="fkl", alpha=0.1, beta=0.5, need_grad=False, splits=4)[0]
     rank = (t > t.gather(1, top.student_tokens[:, None])).sum(1)
     assert torch.equal(top.from_teacher, rank >= 50)
+
+
+@pytest.mark.parametrize("temperature, policy, kind, given, splits", [
+    (1.0, POLICY, "fkl", False, 4), (0.0, POLICY, "jsd", False, 3),
+    (0.7, SwitchPolicy("topk", top_k=40), "srkl", True, 4), (1.0, SwitchPolicy("always"), "tvd", False, 1)], ids=str)
+def test_one_launch_matches_three(temperature, policy, kind, given, splits):
+    """The one-launch step (phase 1, a meeting per row, phase 2, the row's last program deciding) gives the three
+    launches' tokens and decisions exactly, and their divergence, loss and gradient up to summation order."""
+    s, t = random_logits(5, 3001), random_logits(5, 3001)
+    tokens = torch.randint(0, 3001, (5,), device=DEVICE) if given else None
+    outs = [switch_step_triton(s, t, torch.arange(5, device=DEVICE), None, policy=policy, temperature=temperature,
+                               seed=3, kind=kind, alpha=0.1, beta=0.5, need_grad=True, splits=splits,
+                               student_tokens=tokens, fused=fused) for fused in (False, True)]
+    (three, grad3), (one, grad1) = outs
+    for name in ("tokens", "from_teacher", "student_tokens", "teacher_tokens"):
+        assert torch.equal(getattr(one, name), getattr(three, name)), name
+    torch.testing.assert_close(one.divergence, three.divergence, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(one.loss, three.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad1, grad3)
 
 
 @pytest.mark.parametrize("rows", [1, 32, 64, 256, 1024])
@@ -130,7 +156,7 @@ def test_tokens_do_not_depend_on_the_split_count():
 
 @pytest.mark.parametrize("policy", [POLICY, SwitchPolicy("topk", top_k=5)], ids=["exp", "topk"])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_given_student_tokens_replace_the_student_sample(policy, splits, backend):
+def test_given_student_tokens_replace_the_student_sample(policy, splits, backend, launches):
     """``student_tokens=`` (a decoder's drafts): kept where the policy does not switch, ranked by topk, and the
     teacher's sample, the divergence, the loss and its gradient are those of the sampled call."""
     s, t = random_logits(9, 1271), random_logits(9, 1271)
@@ -171,7 +197,7 @@ def test_threshold_policies_decide_at_their_thresholds(kind, backend):
 
 
 @pytest.mark.parametrize("top_k", [1, 5, 40])
-def test_topk_keeps_student_tokens_in_the_teacher_top_k(top_k):
+def test_topk_keeps_student_tokens_in_the_teacher_top_k(top_k, launches):
     s, t = random_logits(12, 97), random_logits(12, 97)
     out = fused_switch_step(s, t, 0, policy=SwitchPolicy("topk", top_k=top_k), backend="triton")
     rank = (t > t.gather(1, out.student_tokens[:, None])).sum(1)
@@ -197,7 +223,7 @@ def test_sampling_is_a_pure_function_of_seed_key_and_position(backend):
     assert torch.equal(b.teacher_tokens, a.teacher_tokens[perm])
 
 
-def test_greedy_is_argmax(backend):
+def test_greedy_is_argmax(backend, launches):
     s, t = random_logits(5, 1271), random_logits(5, 1271)
     s[0, 700] = s[0, 1200] = s[0].max() + 1  # a tie across splits goes to the lowest index
     out = fused_switch_step(s, t, 0, temperature=0.0, backend=backend)
@@ -254,7 +280,7 @@ def test_inverse_cdf_edges():
 
 
 @pytest.mark.parametrize("splits", [1, 5])
-def test_kernel_draws_follow_the_softmax_across_splits(splits):
+def test_kernel_draws_follow_the_softmax_across_splits(splits, launches):
     """200 draws of both models (a row key each) over a row whose 7 live columns lie in different splits (of 128
     columns) fit the softmax (chi-square), never land on a -inf column, and are the reference's tokens."""
     live = torch.tensor([0, 100, 130, 250, 300, 420, 519], device=DEVICE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -21,6 +23,7 @@ from .spec import (
     check_temperature,
     resolve_backend,
     rows_2d,
+    triton_interpreted,
 )
 from .stored_grad import attach_grad
 
@@ -54,16 +57,24 @@ def _workspace(batch: int, n_splits: int, device, greedy: bool) -> dict:
             "cand_col_ptr": torch.empty(batch, n_splits, 2, device=device, dtype=torch.int32)}
 
 
+def fused_step_enabled() -> bool:
+    """Whether the switch step runs as one launch (``_switch_step_fused_kernel``) instead of three:
+    ``SWITCHKD_FUSED_STEP=1``. Off by default until a GPU has timed it against the three launches
+    (benchmarks/RESULTS.md)."""
+    return os.environ.get("SWITCHKD_FUSED_STEP", "0") == "1"
+
+
 def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, policy, temperature, seed, kind,
-                       alpha, beta, need_grad, splits=None, student_tokens=None):
+                       alpha, beta, need_grad, splits=None, student_tokens=None, fused=None):
     """Run the switch step's kernels over ``[B, V]`` logits (last dim contiguous) on a ``(B, S)`` grid.
 
     Returns a :class:`SwitchStep` whose ``loss`` carries no graph, and the per-row gradient
     ``d loss[b] / d student_logits[b]`` ``[B, V]`` (or None). ``splits`` overrides the split count (tests);
-    ``student_tokens`` (int64 ``[B]``) skips the student's sampling scan.
+    ``student_tokens`` (int64 ``[B]``) skips the student's sampling scan; ``fused`` picks one launch or three
+    (None: :func:`fused_step_enabled`).
     """
     from ..kernels.split import GREEDY, NO_SAMPLE, _grad_kernel, _stats_kernel, split_plan
-    from ..kernels.switch_step import _switch_step_finish_kernel, _switch_step_kernel
+    from ..kernels.switch_step import _switch_step_finish_kernel, _switch_step_fused_kernel, _switch_step_kernel
 
     (batch, vocab), device = student_logits.shape, student_logits.device
     greedy, topk = temperature == 0, policy.kind == "topk"
@@ -88,23 +99,32 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
     grads = {"grad_ptr": grad if need_grad else sums, "grad_stride": grad.stride(0) if need_grad else 0,
              "inv_temp": inv_temp, "alpha": float(alpha), "beta": float(beta), "KIND": LOSS_CODES[kind],
              "SPLITS": triton.next_power_of_2(n_splits), **work}
-    grid = (batch, n_splits)
-    argmax = GREEDY if greedy else NO_SAMPLE  # sampled tokens are drawn in the second launch
-    _stats_kernel[grid](**logits, **work, SAMPLE=argmax, SAMPLE_S=argmax if student_tokens is None else NO_SAMPLE)
-    _switch_step_kernel[grid](**logits, **grads, **rows, sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
-                              seed_key=reference.seed_hash(seed), TOPK=topk, GREEDY=greedy, HAS_GRAD=need_grad,
-                              STUDENT_GIVEN=student_tokens is not None)
+    argmax = GREEDY if greedy else NO_SAMPLE  # sampled tokens are drawn in phase 2
+    sampling = {"SAMPLE": argmax, "SAMPLE_S": argmax if student_tokens is None else NO_SAMPLE}
+    step_args = {**logits, **grads, **rows, "sums_ptr": sums, "s_tokens_ptr": s_tokens, "t_tokens_ptr": t_tokens,
+                 "seed_key": reference.seed_hash(seed), "TOPK": topk, "GREEDY": greedy, "HAS_GRAD": need_grad,
+                 "STUDENT_GIVEN": student_tokens is not None}
     thr = policy.coefficients()
-    _switch_step_finish_kernel[(batch,)](
-        positions_ptr=rows["positions_ptr"], sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
-        tokens_ptr=step.tokens, from_teacher_ptr=step.from_teacher.view(torch.uint8),
-        divergence_ptr=step.divergence, loss_ptr=step.loss, n_splits=n_splits, position=rows["position"],
-        thr_scale=thr.scale, thr_rate=thr.rate, thr_slope=thr.slope, thr_floor=thr.floor, top_k=policy.top_k,
-        TOPK=topk, POS_SCALAR=rows["POS_SCALAR"], SPLITS=grads["SPLITS"])
+    finish_args = {"tokens_ptr": step.tokens, "from_teacher_ptr": step.from_teacher.view(torch.uint8),
+                   "divergence_ptr": step.divergence, "loss_ptr": step.loss, "thr_scale": thr.scale,
+                   "thr_rate": thr.rate, "thr_slope": thr.slope, "thr_floor": thr.floor, "top_k": policy.top_k}
+    if fused_step_enabled() if fused is None else fused:
+        sync = torch.zeros(batch, device=device, dtype=torch.int32)
+        # The interpreter runs programs one after another: a program waiting for the next would wait forever.
+        for phase in (1, 2) if triton_interpreted() else (0,):
+            _switch_step_fused_kernel[(batch * n_splits,)](**step_args, **sampling, **finish_args, sync_ptr=sync,
+                                                           n_splits=n_splits, PHASE=phase)
+    else:
+        _stats_kernel[(batch, n_splits)](**logits, **work, **sampling)
+        _switch_step_kernel[(batch, n_splits)](**step_args)
+        _switch_step_finish_kernel[(batch,)](
+            positions_ptr=rows["positions_ptr"], sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
+            n_splits=n_splits, position=rows["position"], TOPK=topk, POS_SCALAR=rows["POS_SCALAR"],
+            SPLITS=grads["SPLITS"], **finish_args)
     if need_grad and kind != "fkl":
         del grads["cand_ptr"], grads["cand_col_ptr"]
-        _grad_kernel[grid](**logits, **grads, labels_ptr=sums, weight_ptr=sums, sums_ptr=sums, ignore_index=0,
-                           HAS_LABELS=False, HAS_WEIGHT=False)
+        _grad_kernel[(batch, n_splits)](**logits, **grads, labels_ptr=sums, weight_ptr=sums, sums_ptr=sums,
+                                        ignore_index=0, HAS_LABELS=False, HAS_WEIGHT=False)
     return step, grad
 
 
