@@ -199,14 +199,20 @@ def _whole_span(lo, hi, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _loss_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, loss_acc,
-               g_acc, KIND: tl.constexpr, HAS_GRAD: tl.constexpr, WHOLE: tl.constexpr, BLOCK: tl.constexpr):
-    """One tile of a loss sweep, at column ``start``, on raw tiles (-inf past the end: p = 0 there, as is every term):
-    accumulate the loss terms (bits) and either store the fkl gradient ``(p_S - p_T) * grad_scale`` (``1 / T`` times
-    the reduction's weight; a WHOLE tile stores unmasked) or accumulate the centring term ``p_S * g``. Returns the
-    sums and the tile's base-2 log-probabilities and probabilities."""
+def _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t):
+    """Both models' base-2 log-probabilities and probabilities of one pair of raw tiles (-inf past the end: p = 0
+    there, as is every term)."""
     l2s, ps = _log2_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
     l2t, pt = _log2_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
+    return l2s, ps, l2t, pt
+
+
+@triton.jit
+def _loss_trip(grad_row, start, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, loss_acc, g_acc, KIND: tl.constexpr,
+               HAS_GRAD: tl.constexpr, WHOLE: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of a loss sweep, at column ``start``: accumulate the loss terms (bits) and either store the fkl
+    gradient ``(p_S - p_T) * grad_scale`` (``1 / T`` times the reduction's weight; a WHOLE tile stores unmasked) or
+    accumulate the centring term ``p_S * g``."""
     terms, g = _loss_terms(l2s, ps, l2t, pt, alpha, beta, KIND)
     loss_acc = _accumulate(loss_acc, terms, BLOCK)
     if HAS_GRAD:
@@ -218,7 +224,7 @@ def _loss_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s,
                 _store_grad(grad_row + cols, (ps - pt) * grad_scale, cols < hi)
         else:
             g_acc += _fold(ps * g, BLOCK)
-    return loss_acc, g_acc, l2s, ps, l2t, pt
+    return loss_acc, g_acc
 
 
 @triton.jit
@@ -235,21 +241,26 @@ def _loss_sweep(
     loss_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     n_whole, end, start, step = _whole_span(lo, hi, REVERSE, BLOCK)
-    if REVERSE and end < hi:
-        s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, KIND == FKL, BLOCK)
-        loss_acc, g_acc, _, _, _, _ = _loss_trip(grad_row, end, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t,
-                                                 lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD, False, BLOCK)
+    if REVERSE:
+        if end < hi:
+            s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, KIND == FKL, BLOCK)
+            l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
+            loss_acc, g_acc = _loss_trip(grad_row, end, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, loss_acc,
+                                         g_acc, KIND, HAS_GRAD, False, BLOCK)
     s_next, t_next = _pair(s_row, t_row, start, lo, end, KIND == FKL, BLOCK)
-    for _ in range(0, n_whole):
+    for _trip in range(0, n_whole):
         s_raw, t_raw = s_next, t_next
         s_next, t_next = _pair(s_row, t_row, start + step, lo, end, KIND == FKL, BLOCK)
-        loss_acc, g_acc, _, _, _, _ = _loss_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t,
-                                                 lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD, True, BLOCK)
+        l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
+        loss_acc, g_acc = _loss_trip(grad_row, start, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, loss_acc, g_acc,
+                                     KIND, HAS_GRAD, True, BLOCK)
         start += step
-    if not REVERSE and end < hi:
-        s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, KIND == FKL, BLOCK)
-        loss_acc, g_acc, _, _, _, _ = _loss_trip(grad_row, end, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t,
-                                                 lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD, False, BLOCK)
+    if not REVERSE:
+        if end < hi:
+            s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, KIND == FKL, BLOCK)
+            l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
+            loss_acc, g_acc = _loss_trip(grad_row, end, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, loss_acc,
+                                         g_acc, KIND, HAS_GRAD, False, BLOCK)
     return tl.sum(loss_acc, 0) * LN2, tl.sum(g_acc, 0)
 
 
@@ -257,9 +268,8 @@ def _loss_sweep(
 def _grad_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, g_mean, alpha, beta,
                KIND: tl.constexpr, WHOLE: tl.constexpr, BLOCK: tl.constexpr):
     """One tile of :func:`_grad_sweep`."""
-    l2s, ps = _log2_probs(s_raw.to(tl.float32) * scale2, m_s, lz_s)
-    l2t, pt = _log2_probs(t_raw.to(tl.float32) * scale2, m_t, lz_t)
-    _, g = _loss_terms(l2s, ps, l2t, pt, alpha, beta, KIND)
+    l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
+    terms, g = _loss_terms(l2s, ps, l2t, pt, alpha, beta, KIND)
     cols = start + tl.arange(0, BLOCK)
     if WHOLE:
         _store_grad(grad_row + cols, ps * (g - g_mean) * grad_scale, None)
@@ -280,7 +290,7 @@ def _grad_sweep(
     before it is written, so ``grad_row`` may be ``s_row``."""
     n_whole, end, start, step = _whole_span(lo, hi, False, BLOCK)
     s_next, t_next = _pair(s_row, t_row, start, lo, end, True, BLOCK)
-    for _ in range(0, n_whole):
+    for _trip in range(0, n_whole):
         s_raw, t_raw = s_next, t_next
         s_next, t_next = _pair(s_row, t_row, start + step, lo, end, True, BLOCK)
         _grad_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, g_mean, alpha, beta,

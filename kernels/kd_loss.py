@@ -69,7 +69,7 @@ def _kd_loss_split_kernel(
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Phase 2 over one chunk: loss terms and centring sum with the row's combined statistics."""
+    """Phase 2 over one chunk, backwards: loss terms and centring sum with the row's combined statistics."""
     row = tl.program_id(0).to(tl.int64)
     n_splits = tl.num_programs(1)
     lo = tl.program_id(1) * chunk
@@ -82,9 +82,11 @@ def _kd_loss_split_kernel(
     if keep:
         m_s, lz_s, m_t, lz_t, valid = _combine_stats(stats_ptr, row, n_splits, SPLITS)
         grad_scale = _nan_unless(valid, inv_temp * tl.load(weight_ptr) if HAS_WEIGHT else inv_temp)
+        # backwards: the statistics sweep ended on the chunk's last tiles, which L2 still holds (and the gradient
+        # sweep, forwards, then starts on this one's last)
         loss, g_sum = _loss_sweep(s_ptr + row * s_stride, t_ptr + row * t_stride, grad_row, lo, hi,
                                   scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, KIND, HAS_GRAD,
-                                  False, BLOCK)
+                                  True, BLOCK)
         tl.store(out, _nan_unless(valid, loss))
         tl.store(out + 1, g_sum)
     else:

@@ -58,9 +58,10 @@ def row_kernel_configs():
     ]
 
 
-def fused_step_configs():
-    """Configs of the one-launch switch step: those of :func:`gpu_tile_configs` that leave an SM room for more than
-    one program (a 16-warp program at 128 registers takes the whole register file)."""
+def switch_step_configs():
+    """Configs of the switch step's phase 2 and of its one launch: those of :func:`gpu_tile_configs` that leave an SM
+    room for more than one program (a 16-warp program at 128 registers takes the whole register file, and spilled
+    8 bytes for srkl with triton 3.6)."""
     return gpu_tile_configs()[:3]
 
 

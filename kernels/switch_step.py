@@ -31,10 +31,11 @@ from .divergence import (
     _nan_unless,
     _pair,
     _partial_pair,
+    _tile_probs,
     _whole_span,
 )
 from .sampling import NO_TOKEN, _cdf_tile, _row_uniform, _scan_result
-from .split import STATS, SUMS, _combine_stats, _stats_chunk, _sum_splits, autotuned, fused_step_configs
+from .split import STATS, SUMS, _combine_stats, _stats_chunk, _sum_splits, autotuned, switch_step_configs
 
 
 @triton.jit
@@ -76,9 +77,9 @@ def _step_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s,
                WHOLE: tl.constexpr, BLOCK: tl.constexpr):
     """One tile of phase 2 at column ``start``: loss terms and gradient (:func:`_loss_trip`), JSD terms, the teacher
     rank of the student token, and each model's inverse-CDF scan while it runs (in its one program per row)."""
-    loss_acc, g_acc, l2s, ps, l2t, pt = _loss_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s,
-                                                   lz_s, m_t, lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD,
-                                                   WHOLE, BLOCK)
+    l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
+    loss_acc, g_acc = _loss_trip(grad_row, start, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, loss_acc, g_acc, KIND,
+                                 HAS_GRAD, WHOLE, BLOCK)
     jsd_acc = _jsd_sum(jsd_acc, l2s, ps, l2t, pt)
     if TOPK:  # on the raw logits, as the reference ranks them
         rank_acc += _fold((t_raw.to(tl.float32) > t_at_student).to(tl.int32), BLOCK)
@@ -145,7 +146,7 @@ def _step_chunk(s_ptr, t_ptr, positions_ptr, row_keys_ptr, stats_ptr, cand_ptr, 
     rank_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.int32)
     n_whole, end, start, step = _whole_span(lo, hi, False, BLOCK)
     s_next, t_next = _pair(s_row, t_row, start, lo, end, KIND == FKL, BLOCK)
-    for _ in range(0, n_whole):
+    for _trip in range(0, n_whole):
         s_raw, t_raw = s_next, t_next
         s_next, t_next = _pair(s_row, t_row, start + step, lo, end, KIND == FKL, BLOCK)
         loss_acc, g_acc, jsd_acc, rank_acc, run_s, found_s, last_s, run_t, found_t, last_t = _step_trip(
@@ -171,7 +172,7 @@ def _step_chunk(s_ptr, t_ptr, positions_ptr, row_keys_ptr, stats_ptr, cand_ptr, 
     tl.store(out + 3, tl.sum(rank_acc, 0).to(tl.float32))
 
 
-@autotuned(key=["V", "chunk", "KIND"])
+@autotuned(key=["V", "chunk", "KIND"], gpu_configs=switch_step_configs)
 @triton.jit
 def _switch_step_kernel(
     s_ptr,  # [B, V] student logits
@@ -249,7 +250,7 @@ def _wait(counter_ptr, target):
     tl.debug_barrier()
 
 
-@autotuned(key=["V", "chunk", "KIND"], gpu_configs=fused_step_configs, reset_to_zero=["sync_ptr"])
+@autotuned(key=["V", "chunk", "KIND"], gpu_configs=switch_step_configs, reset_to_zero=["sync_ptr"])
 @triton.jit
 def _switch_step_fused_kernel(
     s_ptr,  # [B, V] student logits

@@ -34,10 +34,11 @@ def test_kernel_compiles_for_gpu_without_spills(compiled, case):
 
 def test_every_autotuner_config_is_compiled(compiled):
     """The autotuned kernels appear in each of their GPU configs (not only the interpreter's one)."""
-    from switchkd.kernels.split import fused_step_configs, gpu_tile_configs, row_kernel_configs
+    from switchkd.kernels.split import gpu_tile_configs, row_kernel_configs, switch_step_configs
 
     names = {name for results in compiled.values() for name in results}
-    special = {"_kd_loss_kernel": row_kernel_configs, "_switch_step_fused_kernel": fused_step_configs}
+    special = {"_kd_loss_kernel": row_kernel_configs, "_switch_step_kernel": switch_step_configs,
+               "_switch_step_fused_kernel": switch_step_configs}
     for kernel in ("_stats_kernel", "_grad_kernel", "_kd_loss_kernel", "_kd_loss_split_kernel", "_switch_step_kernel",
                    "_switch_step_fused_kernel"):
         configs = special.get(kernel, gpu_tile_configs)()

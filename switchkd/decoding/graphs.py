@@ -238,6 +238,6 @@ def _leave_rng_capture_mode(device: torch.device) -> None:
     captured earlier stay in step with eager random ops)."""
     with torch.cuda.device(device):
         graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        with torch.cuda.graph(graph, stream=side):  # capture on (and make current) a fresh side stream
             torch.zeros(1, device=device).add_(1)
         del graph

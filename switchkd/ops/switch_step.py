@@ -64,6 +64,33 @@ def fused_step_enabled() -> bool:
     return os.environ.get("SWITCHKD_FUSED_STEP", "0") == "1"
 
 
+def _output_args(step: SwitchStep, policy: SwitchPolicy) -> dict:
+    """The finish's arguments: the step's outputs and the policy's threshold coefficients."""
+    thr = policy.coefficients()
+    return {"tokens_ptr": step.tokens, "from_teacher_ptr": step.from_teacher.view(torch.uint8),
+            "divergence_ptr": step.divergence, "loss_ptr": step.loss, "thr_scale": thr.scale, "thr_rate": thr.rate,
+            "thr_slope": thr.slope, "thr_floor": thr.floor, "top_k": policy.top_k}
+
+
+def _launch(fused: bool, batch: int, n_splits: int, logits: dict, sampling: dict, step_args: dict, outputs: dict):
+    """Phase 1, phase 2 and the finish (``kernels.switch_step``): one launch, or three."""
+    from ..kernels.split import _stats_kernel
+    from ..kernels.switch_step import _switch_step_finish_kernel, _switch_step_fused_kernel, _switch_step_kernel
+
+    if fused:
+        sync = torch.zeros(batch, device=logits["s_ptr"].device, dtype=torch.int32)
+        # The interpreter runs programs one after another: a program waiting for the next would wait forever.
+        for phase in (1, 2) if triton_interpreted() else (0,):
+            _switch_step_fused_kernel[(batch * n_splits,)](**step_args, **sampling, **outputs, sync_ptr=sync,
+                                                           n_splits=n_splits, PHASE=phase)
+        return
+    work = {name: step_args[name] for name in ("stats_ptr", "cand_ptr", "cand_col_ptr")}
+    _stats_kernel[(batch, n_splits)](**logits, **work, **sampling)
+    _switch_step_kernel[(batch, n_splits)](**step_args)
+    finish = ("positions_ptr", "sums_ptr", "s_tokens_ptr", "t_tokens_ptr", "position", "TOPK", "POS_SCALAR", "SPLITS")
+    _switch_step_finish_kernel[(batch,)](**{name: step_args[name] for name in finish}, n_splits=n_splits, **outputs)
+
+
 def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, policy, temperature, seed, kind,
                        alpha, beta, need_grad, splits=None, student_tokens=None, fused=None):
     """Run the switch step's kernels over ``[B, V]`` logits (last dim contiguous) on a ``(B, S)`` grid.
@@ -73,8 +100,7 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
     ``student_tokens`` (int64 ``[B]``) skips the student's sampling scan; ``fused`` picks one launch or three
     (None: :func:`fused_step_enabled`).
     """
-    from ..kernels.split import GREEDY, NO_SAMPLE, _grad_kernel, _stats_kernel, split_plan
-    from ..kernels.switch_step import _switch_step_finish_kernel, _switch_step_fused_kernel, _switch_step_kernel
+    from ..kernels.split import GREEDY, NO_SAMPLE, _grad_kernel, split_plan
 
     (batch, vocab), device = student_logits.shape, student_logits.device
     greedy, topk = temperature == 0, policy.kind == "topk"
@@ -104,23 +130,8 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
     step_args = {**logits, **grads, **rows, "sums_ptr": sums, "s_tokens_ptr": s_tokens, "t_tokens_ptr": t_tokens,
                  "seed_key": reference.seed_hash(seed), "TOPK": topk, "GREEDY": greedy, "HAS_GRAD": need_grad,
                  "STUDENT_GIVEN": student_tokens is not None}
-    thr = policy.coefficients()
-    finish_args = {"tokens_ptr": step.tokens, "from_teacher_ptr": step.from_teacher.view(torch.uint8),
-                   "divergence_ptr": step.divergence, "loss_ptr": step.loss, "thr_scale": thr.scale,
-                   "thr_rate": thr.rate, "thr_slope": thr.slope, "thr_floor": thr.floor, "top_k": policy.top_k}
-    if fused_step_enabled() if fused is None else fused:
-        sync = torch.zeros(batch, device=device, dtype=torch.int32)
-        # The interpreter runs programs one after another: a program waiting for the next would wait forever.
-        for phase in (1, 2) if triton_interpreted() else (0,):
-            _switch_step_fused_kernel[(batch * n_splits,)](**step_args, **sampling, **finish_args, sync_ptr=sync,
-                                                           n_splits=n_splits, PHASE=phase)
-    else:
-        _stats_kernel[(batch, n_splits)](**logits, **work, **sampling)
-        _switch_step_kernel[(batch, n_splits)](**step_args)
-        _switch_step_finish_kernel[(batch,)](
-            positions_ptr=rows["positions_ptr"], sums_ptr=sums, s_tokens_ptr=s_tokens, t_tokens_ptr=t_tokens,
-            n_splits=n_splits, position=rows["position"], TOPK=topk, POS_SCALAR=rows["POS_SCALAR"],
-            SPLITS=grads["SPLITS"], **finish_args)
+    outputs = _output_args(step, policy)
+    _launch(fused_step_enabled() if fused is None else fused, batch, n_splits, logits, sampling, step_args, outputs)
     if need_grad and kind != "fkl":
         del grads["cand_ptr"], grads["cand_col_ptr"]
         _grad_kernel[(batch, n_splits)](**logits, **grads, labels_ptr=sums, weight_ptr=sums, sums_ptr=sums,
