@@ -1,11 +1,14 @@
 """switch_step and kd_loss sections of the throughput benchmark: each fused op against its PyTorch
 reference (eager, ``torch.compile``) and Liger-Kernel's JSD where installed; GB/s against the bytes
-the op must move (both logits read once, the gradient written once). The switch_step section also times
+the op must move (both logits read once, the gradient written once); ``switchkd_one_launch`` is the switch step as
+one launch (``SWITCHKD_FUSED_STEP=1``, on CUDA). The switch_step section also times
 ``switchkd.sample`` (the decoder's draft sampling, op ``sample``) against ``torch.multinomial`` of the softmax."""
 
 from __future__ import annotations
 
+import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -36,10 +39,16 @@ def switch_step_providers(device, compile_reference):
     def fused(s, t, pos):
         return switchkd.fused_switch_step(s, t, pos, policy=POLICY, check_finite=False)
 
+    def one_launch(s, t, pos):  # SWITCHKD_FUSED_STEP=1 for this call (read when the kernels launch or are captured)
+        with mock.patch.dict(os.environ, SWITCHKD_FUSED_STEP="1"):
+            return fused(s, t, pos)
+
     def eager(s, t, pos):
         return reference.switch_step(s, t, pos, policy=POLICY)
 
     providers = {"switchkd": fused, "eager": eager}
+    if device == "cuda":  # on CPU the op runs the reference either way
+        providers["switchkd_one_launch"] = one_launch
     if compile_reference:
         # One static graph per size: Inductor's dynamic-batch graph of this step does not build (torch 2.11, CUDA).
         providers["compiled"] = torch.compile(eager, dynamic=False)
@@ -87,7 +96,8 @@ def run_section(section, sizes, dtype, device, compile_reference, copy_gbps):
         if section == "switch_step":
             positions = torch.randint(0, 200, (n,), device=device)
             rows += time_providers(section, providers, (s, t, positions), f"{n}x{vocab}", dtype, device,
-                                   2 * n * vocab * elt, "fwd", copy_gbps, graphs=("switchkd", "compiled"))
+                                   2 * n * vocab * elt, "fwd", copy_gbps,
+                                   graphs=("switchkd", "switchkd_one_launch", "compiled"))
             rows += time_providers("sample", sample_providers(), (t, positions), f"{n}x{vocab}", dtype, device,
                                    n * vocab * elt, "fwd", copy_gbps, graphs=("switchkd", "torch_multinomial"))
         else:
