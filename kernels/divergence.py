@@ -136,23 +136,29 @@ def _accumulate(acc, x, BLOCK: tl.constexpr):
         return acc + _fold(x, BLOCK)
 
 
+# How a tile load marks its lines in L2: no hint, leave first (no later sweep reads them), stay (a later one does).
+KEEP: tl.constexpr = tl.constexpr(0)
+LAST_READ: tl.constexpr = tl.constexpr(1)
+READ_AGAIN: tl.constexpr = tl.constexpr(2)
+
+
 @triton.jit
-def _load_tile(ptrs, mask, LAST_READ: tl.constexpr, FILL: tl.constexpr):
+def _load_tile(ptrs, mask, EVICT: tl.constexpr, FILL: tl.constexpr):
     """A raw tile; FILL: -inf where masked (a partial tile), else nothing is filled (a whole tile read or skipped as a
-    unit: no register set up per column). LAST_READ marks it to leave L2 first: no later sweep reads it. With the
-    gradient's stores marked the same way and the statistics sweep's reads marked to stay (``split._whole_tiles``),
-    the later sweeps find more of a row in L2: on an H200, kd_loss jsd 8192 x 128256 bf16 took 3.567 ms instead of
-    3.608, and its 255-register config 4.045 instead of 4.199 (benchmarks/RESULTS.md)."""
+    unit: no register set up per column). EVICT (KEEP, LAST_READ, READ_AGAIN) is its L2 hint. With the statistics
+    sweep's reads marked READ_AGAIN and the last reads and gradient stores marked to leave first, the later sweeps
+    find more of a row in L2: on an H200, kd_loss jsd 8192 x 128256 bf16 took 3.567 ms instead of 3.608, and its
+    255-register config 4.045 instead of 4.199 (benchmarks/RESULTS.md)."""
     if FILL:
-        if LAST_READ:
-            tile = tl.load(ptrs, mask=mask, other=-float("inf"), eviction_policy="evict_first")
-        else:
-            tile = tl.load(ptrs, mask=mask, other=-float("inf"))
+        other = -float("inf")
     else:
-        if LAST_READ:
-            tile = tl.load(ptrs, mask=mask, eviction_policy="evict_first")
-        else:
-            tile = tl.load(ptrs, mask=mask)
+        other = None
+    if EVICT == LAST_READ:
+        tile = tl.load(ptrs, mask=mask, other=other, eviction_policy="evict_first")
+    elif EVICT == READ_AGAIN:
+        tile = tl.load(ptrs, mask=mask, other=other, eviction_policy="evict_last")
+    else:
+        tile = tl.load(ptrs, mask=mask, other=other)
     return tile
 
 
@@ -163,7 +169,16 @@ def _store_grad(ptrs, grad, mask):
 
 
 @triton.jit
-def _pair(s_row, t_row, start, first, end, LAST_READ: tl.constexpr, BLOCK: tl.constexpr):
+def _evict(KIND: tl.constexpr):
+    """The loss sweep's L2 hint: fkl has no gradient sweep, so the loss sweep is its last read of the logits."""
+    if KIND == FKL:
+        return LAST_READ
+    else:
+        return KEEP
+
+
+@triton.jit
+def _pair(s_row, t_row, start, first, end, EVICT: tl.constexpr, BLOCK: tl.constexpr):
     """Both rows' whole raw tiles at ``start``, read only when ``first <= start < end``: one predicate for the whole
     tile, so the loads stay 16-byte vectors with nothing filled. Sweeps load the tile of their next trip before the
     math of this one, so each thread has a tile of loads in flight while it computes: without it every trip waits a
@@ -171,15 +186,14 @@ def _pair(s_row, t_row, start, first, end, LAST_READ: tl.constexpr, BLOCK: tl.co
     cols = start + tl.arange(0, BLOCK)
     at = tl.full([BLOCK], start, tl.int32)
     inside = (at >= first) & (at < end)
-    return _load_tile(s_row + cols, inside, LAST_READ, False), _load_tile(t_row + cols, inside, LAST_READ, False)
+    return _load_tile(s_row + cols, inside, EVICT, False), _load_tile(t_row + cols, inside, EVICT, False)
 
 
 @triton.jit
-def _partial_pair(s_row, t_row, start, hi, LAST_READ: tl.constexpr, BLOCK: tl.constexpr):
+def _partial_pair(s_row, t_row, start, hi, EVICT: tl.constexpr, BLOCK: tl.constexpr):
     """Both rows' raw tiles at ``start``, -inf from ``hi`` on: the last, partial tile of a sweep."""
     cols = start + tl.arange(0, BLOCK)
-    return (_load_tile(s_row + cols, cols < hi, LAST_READ, True),
-            _load_tile(t_row + cols, cols < hi, LAST_READ, True))
+    return _load_tile(s_row + cols, cols < hi, EVICT, True), _load_tile(t_row + cols, cols < hi, EVICT, True)
 
 
 @triton.jit
@@ -243,21 +257,21 @@ def _loss_sweep(
     n_whole, end, start, step = _whole_span(lo, hi, REVERSE, BLOCK)
     if REVERSE:
         if end < hi:
-            s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, KIND == FKL, BLOCK)
+            s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, _evict(KIND), BLOCK)
             l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
             loss_acc, g_acc = _loss_trip(grad_row, end, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, loss_acc,
                                          g_acc, KIND, HAS_GRAD, False, BLOCK)
-    s_next, t_next = _pair(s_row, t_row, start, lo, end, KIND == FKL, BLOCK)
+    s_next, t_next = _pair(s_row, t_row, start, lo, end, _evict(KIND), BLOCK)
     for _trip in range(0, n_whole):
         s_raw, t_raw = s_next, t_next
-        s_next, t_next = _pair(s_row, t_row, start + step, lo, end, KIND == FKL, BLOCK)
+        s_next, t_next = _pair(s_row, t_row, start + step, lo, end, _evict(KIND), BLOCK)
         l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
         loss_acc, g_acc = _loss_trip(grad_row, start, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, loss_acc, g_acc,
                                      KIND, HAS_GRAD, True, BLOCK)
         start += step
     if not REVERSE:
         if end < hi:
-            s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, KIND == FKL, BLOCK)
+            s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, _evict(KIND), BLOCK)
             l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
             loss_acc, g_acc = _loss_trip(grad_row, end, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, loss_acc,
                                          g_acc, KIND, HAS_GRAD, False, BLOCK)
@@ -289,15 +303,15 @@ def _grad_sweep(
     ``p_S (g - g_mean) * grad_scale`` (``1 / T`` times the reduction's weight). Each tile is read (a trip ahead)
     before it is written, so ``grad_row`` may be ``s_row``."""
     n_whole, end, start, step = _whole_span(lo, hi, False, BLOCK)
-    s_next, t_next = _pair(s_row, t_row, start, lo, end, True, BLOCK)
+    s_next, t_next = _pair(s_row, t_row, start, lo, end, LAST_READ, BLOCK)
     for _trip in range(0, n_whole):
         s_raw, t_raw = s_next, t_next
-        s_next, t_next = _pair(s_row, t_row, start + step, lo, end, True, BLOCK)
+        s_next, t_next = _pair(s_row, t_row, start + step, lo, end, LAST_READ, BLOCK)
         _grad_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, g_mean, alpha, beta,
                    KIND, True, BLOCK)
         start += step
     if end < hi:
-        s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, True, BLOCK)
+        s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, LAST_READ, BLOCK)
         _grad_trip(grad_row, end, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, g_mean, alpha, beta,
                    KIND, False, BLOCK)
 

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from switchkd.ops.spec import triton_interpreted as interpreted
 
-from .divergence import LANE_GROUP, NEG_BIG, _grad_sweep, _nan_unless, _zero_sweep
+from .divergence import LANE_GROUP, NEG_BIG, READ_AGAIN, _grad_sweep, _load_tile, _nan_unless, _zero_sweep
 
 # Modes of the statistics sweep: statistics only, or also each chunk's argmax (greedy decoding).
 NO_SAMPLE: tl.constexpr = tl.constexpr(0)
@@ -208,8 +208,8 @@ def _whole_tiles(s_row, t_row, start, whole, PAIR: tl.constexpr, BLOCK: tl.const
     whole tiles load with one uniform predicate and no ``-inf`` fill. :func:`_row_stats` loads a trip ahead."""
     cols = start + tl.arange(0, BLOCK)
     inside = tl.full([BLOCK], start, tl.int32) < whole  # uniform over the tile: the loads stay 16-byte vectors
-    s = tl.load(s_row + cols, mask=inside, eviction_policy="evict_last")  # the next sweep reads them again
-    t = tl.load(t_row + cols, mask=inside, eviction_policy="evict_last") if PAIR else s
+    s = _load_tile(s_row + cols, inside, READ_AGAIN, False)  # the next sweep reads them again
+    t = _load_tile(t_row + cols, inside, READ_AGAIN, False) if PAIR else s
     return s, t
 
 

@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 
 from .divergence import (
-    FKL,
     JSD_CONSTANT,
     LANE_GROUP,
     LN2,
     NEG_BIG,
+    _evict,
     _fold,
     _jsd_sum,
     _loss_trip,
@@ -145,17 +145,17 @@ def _step_chunk(s_ptr, t_ptr, positions_ptr, row_keys_ptr, stats_ptr, cand_ptr, 
     g_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.float32)
     rank_acc = tl.zeros([BLOCK // LANE_GROUP], dtype=tl.int32)
     n_whole, end, start, step = _whole_span(lo, hi, False, BLOCK)
-    s_next, t_next = _pair(s_row, t_row, start, lo, end, KIND == FKL, BLOCK)
+    s_next, t_next = _pair(s_row, t_row, start, lo, end, _evict(KIND), BLOCK)
     for _trip in range(0, n_whole):
         s_raw, t_raw = s_next, t_next
-        s_next, t_next = _pair(s_row, t_row, start + step, lo, end, KIND == FKL, BLOCK)
+        s_next, t_next = _pair(s_row, t_row, start + step, lo, end, _evict(KIND), BLOCK)
         loss_acc, g_acc, jsd_acc, rank_acc, run_s, found_s, last_s, run_t, found_t, last_t = _step_trip(
             grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, loss_acc, g_acc,
             jsd_acc, rank_acc, t_at_student, scan_s, u_s, run_s, found_s, last_s, scan_t, u_t, run_t, found_t, last_t,
             TOPK, KIND, GREEDY, HAS_GRAD, True, BLOCK)
         start += step
     if end < hi:
-        s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, KIND == FKL, BLOCK)
+        s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, _evict(KIND), BLOCK)
         loss_acc, g_acc, jsd_acc, rank_acc, run_s, found_s, last_s, run_t, found_t, last_t = _step_trip(
             grad_row, end, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, loss_acc, g_acc,
             jsd_acc, rank_acc, t_at_student, scan_s, u_s, run_s, found_s, last_s, scan_t, u_t, run_t, found_t, last_t,
