@@ -280,7 +280,7 @@ def test_inverse_cdf_edges():
 
 
 @pytest.mark.parametrize("splits", [1, 5])
-def test_kernel_draws_follow_the_softmax_across_splits(splits, launches):
+def test_kernel_draws_follow_the_softmax_across_splits(splits):
     """200 draws of both models (a row key each) over a row whose 7 live columns lie in different splits (of 128
     columns) fit the softmax (chi-square), never land on a -inf column, and are the reference's tokens."""
     live = torch.tensor([0, 100, 130, 250, 300, 420, 519], device=DEVICE)
