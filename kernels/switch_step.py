@@ -203,6 +203,7 @@ def _finish_row(positions_ptr, sums_ptr, s_tokens_ptr, t_tokens_ptr, tokens_ptr,
                 TOPK: tl.constexpr, POS_SCALAR: tl.constexpr, SPLITS: tl.constexpr):
     """Sum one row's partials, take the decision and write its outputs."""
     divergence = _sum_splits(sums_ptr, row, n_splits, 2, SPLITS) + JSD_CONSTANT * LN2
+    divergence = tl.where(divergence < 0.0, 0.0, divergence)  # rounding below 0 on equal rows; NaN stays NaN
     if TOPK:
         switch = _sum_splits(sums_ptr, row, n_splits, 3, SPLITS) >= top_k
     else:  # the spec's threshold rule, from its coefficients; NaN rows never switch
