@@ -111,10 +111,10 @@ JSD_CONSTANT: tl.constexpr = tl.constexpr(1.0)
 
 @triton.jit
 def _jsd_sum(acc, l2s, ps, l2t, pt):
-    """``acc`` plus one tile's symmetric JSD terms (the switching criterion) in bits, times 2 and less
-    JSD_CONSTANT: with ``q = p_S + p_T`` the mixture is ``q / 2``, so ``p log2(p / (q/2)) = p (log2 p - log2 q) + p``,
-    and the ``+ p`` terms sum to 1 bit. Each term stays ``p`` times a log-ratio, as exact as the direct form; the
-    products fuse into their adds when ``acc`` is per column."""
+    """``acc`` plus one tile's terms of ``2 (JSD - JSD_CONSTANT)``, the symmetric JSD (the switching criterion) in
+    bits: with ``q = p_S + p_T`` the mixture is ``q / 2``, so ``p log2(p / (q/2)) = p (log2 p - log2 q) + p``, and the
+    ``+ p`` terms sum to 2, half of which is the 1 bit of JSD_CONSTANT. Each term stays ``p`` times a log-ratio, as
+    exact as the direct form; the products fuse into their adds when ``acc`` is per column."""
     lq = _lg2(tl.maximum(ps + pt, FLT_MIN))
     return acc + ps * (l2s - lq) + pt * (l2t - lq)
 
