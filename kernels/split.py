@@ -226,7 +226,7 @@ def _stats_trip(s, t, cols, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, c
 
 @triton.jit
 def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr,
-               BLOCK: tl.constexpr):
+               BLOCK: tl.constexpr, AHEAD: tl.constexpr = 1):
     """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` of the student row and, with
     PAIR, of the teacher row in the same sweep, and with GREEDY the best raw logit and its column (ties go to the
     lowest column; NO_SAMPLE returns placeholders). Returns the student's four values, then the teacher's
@@ -235,18 +235,38 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
     Columns go in groups of LANE_GROUP adjacent ones, which one thread holds (its vector load): each group keeps
     a running max and sum, rescaled by ``2^(m_old - m_new)`` once per group and tile (not per column), so the loop
     has no cross-thread reduction; the groups are combined once at the end. Whole tiles load a trip ahead of their
-    math, both rows at once: the sweep would otherwise wait a memory latency per trip.
+    math, both rows at once (AHEAD = 2: two tiles per trip, so two tiles of loads in flight, for a kernel whose other
+    phase holds so many registers that few warps share an SM): the sweep would otherwise wait a memory latency per
+    trip.
     """
     m_s, z_s, best_s, col_s = _stats_start(lo, BLOCK)
     m_t, z_t, best_t, col_t = _stats_start(lo, BLOCK)
     whole = lo + (hi - lo) // BLOCK * BLOCK
     s_next, t_next = _whole_tiles(s_row, t_row, lo, whole, PAIR, BLOCK)
-    for start in range(lo, whole, BLOCK):
-        s, t = s_next, t_next
-        s_next, t_next = _whole_tiles(s_row, t_row, start + BLOCK, whole, PAIR, BLOCK)
-        m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
-            s, t, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
-            SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
+    if AHEAD == 2:  # two tiles per trip, both loaded a trip ahead: their registers free up as they convert
+        s_second, t_second = _whole_tiles(s_row, t_row, lo + BLOCK, whole, PAIR, BLOCK)
+        pairs_end = lo + (whole - lo) // (2 * BLOCK) * (2 * BLOCK)
+        for start in range(lo, pairs_end, 2 * BLOCK):
+            s, t, s2, t2 = s_next, t_next, s_second, t_second
+            s_next, t_next = _whole_tiles(s_row, t_row, start + 2 * BLOCK, whole, PAIR, BLOCK)
+            s_second, t_second = _whole_tiles(s_row, t_row, start + 3 * BLOCK, whole, PAIR, BLOCK)
+            m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
+                s, t, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
+                SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
+            m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
+                s2, t2, start + BLOCK + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t,
+                col_t, SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
+        if pairs_end < whole:  # an odd whole tile, already loaded
+            m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
+                s_next, t_next, pairs_end + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t,
+                col_t, SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
+    else:
+        for start in range(lo, whole, BLOCK):
+            s, t = s_next, t_next
+            s_next, t_next = _whole_tiles(s_row, t_row, start + BLOCK, whole, PAIR, BLOCK)
+            m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
+                s, t, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
+                SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
     if whole < hi:
         cols = whole + tl.arange(0, BLOCK)
         s = tl.load(s_row + cols, mask=cols < hi, other=-float("inf"))
@@ -290,14 +310,15 @@ def _sum_splits(sums_ptr, row, n_splits, field, SPLITS: tl.constexpr):
 
 @triton.jit
 def _stats_chunk(s_ptr, t_ptr, stats_ptr, cand_ptr, cand_col_ptr, row, split, n_splits, s_stride, t_stride, V, chunk,
-                 scale2, SAMPLE: tl.constexpr, SAMPLE_S: tl.constexpr, BLOCK: tl.constexpr):
+                 scale2, SAMPLE: tl.constexpr, SAMPLE_S: tl.constexpr, BLOCK: tl.constexpr, AHEAD: tl.constexpr = 1):
     """Phase 1 of one chunk of one row: store its softmax statistics (one exp2 per logit) and, for greedy decoding,
     each model's argmax candidate (``SAMPLE`` for the teacher, ``SAMPLE_S`` for the student: NO_SAMPLE when its tokens
-    are given). Sampled tokens are drawn in the next phase, by inverse CDF over these statistics."""
+    are given); AHEAD: tiles loaded ahead (:func:`_row_stats`). Sampled tokens are drawn in the next phase, by inverse
+    CDF over these statistics."""
     lo = split * chunk
     hi = tl.minimum(lo + chunk, V)
     m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _row_stats(s_ptr + row * s_stride, t_ptr + row * t_stride, lo,
-                                                                   hi, scale2, SAMPLE_S, SAMPLE, True, BLOCK)
+                                                                   hi, scale2, SAMPLE_S, SAMPLE, True, BLOCK, AHEAD)
     out = row * n_splits + split
     tl.store(stats_ptr + out * STATS, m_s)
     tl.store(stats_ptr + out * STATS + 1, z_s)

@@ -286,8 +286,9 @@ def _switch_step_fused_kernel(
     split = pid % n_splits
     counter = sync_ptr + row
     if PHASE != 2:
+        # phase 2 sets the registers, so few warps share an SM: phase 1 keeps two trips of loads in flight
         _stats_chunk(s_ptr, t_ptr, stats_ptr, cand_ptr, cand_col_ptr, row, split, n_splits, s_stride, t_stride, V,
-                     chunk, scale2, SAMPLE, SAMPLE_S, BLOCK)
+                     chunk, scale2, SAMPLE, SAMPLE_S, BLOCK, 2)
         _arrive(counter)
     if PHASE != 1:
         _wait(counter, n_splits)

@@ -93,7 +93,8 @@ def profile() -> dict:
         _, fn, variant = aot_compile.variants(kernel, kwargs)[0]
         columns = variant["BLOCK"] / (32 * variant["num_warps"])  # per thread and trip
         found = loops(sass(fn, variant))
-        per_column = sum(loop["hot"] for loop in found if loop["loads"]) / columns
+        # a loop that loads both rows' tiles twice per trip covers two tiles of columns
+        per_column = sum(loop["hot"] / max(1, loop["loads"] // 2) for loop in found if loop["loads"]) / columns
         results[case] = {"kernel": name, "columns_per_trip": columns, "loops": found,
                          "per_column": round(per_column, 1)}
     return results
