@@ -178,15 +178,20 @@ def _evict(KIND: tl.constexpr):
 
 
 @triton.jit
-def _pair(s_row, t_row, start, first, end, EVICT: tl.constexpr, BLOCK: tl.constexpr):
-    """Both rows' whole raw tiles at ``start``, read only when ``first <= start < end``: one predicate for the whole
-    tile, so the loads stay 16-byte vectors with nothing filled. Sweeps load the tile of their next trip before the
-    math of this one, so each thread has a tile of loads in flight while it computes: without it every trip waits a
-    full memory latency (measured on an H200: 16 warps per SM, 0.43 instructions per cycle per scheduler)."""
-    cols = start + tl.arange(0, BLOCK)
+def _whole_tile(row, start, first, end, EVICT: tl.constexpr, BLOCK: tl.constexpr):
+    """A whole raw tile at ``start``, read only when ``first <= start < end``: one predicate for the whole tile, so
+    the loads stay 16-byte vectors with nothing filled."""
     at = tl.full([BLOCK], start, tl.int32)
-    inside = (at >= first) & (at < end)
-    return _load_tile(s_row + cols, inside, EVICT, False), _load_tile(t_row + cols, inside, EVICT, False)
+    return _load_tile(row + start + tl.arange(0, BLOCK), (at >= first) & (at < end), EVICT, False)
+
+
+@triton.jit
+def _pair(s_row, t_row, start, first, end, EVICT: tl.constexpr, BLOCK: tl.constexpr):
+    """Both rows' whole raw tiles at ``start`` (:func:`_whole_tile`). Sweeps load the tile of their next trip before
+    the math of this one, so each thread has a tile of loads in flight while it computes: without it every trip waits
+    a full memory latency (measured on an H200: 16 warps per SM, 0.43 instructions per cycle per scheduler)."""
+    return (_whole_tile(s_row, start, first, end, EVICT, BLOCK),
+            _whole_tile(t_row, start, first, end, EVICT, BLOCK))
 
 
 @triton.jit
@@ -242,6 +247,16 @@ def _loss_trip(grad_row, start, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, l
 
 
 @triton.jit
+def _loss_partial(s_row, t_row, grad_row, end, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, loss_acc,
+                  g_acc, KIND: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`_loss_trip` on the partial tile ``[end, hi)`` of a loss sweep."""
+    s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, _evict(KIND), BLOCK)
+    l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
+    return _loss_trip(grad_row, end, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD,
+                      False, BLOCK)
+
+
+@triton.jit
 def _loss_sweep(
     s_row,  # [V] student logits of this row
     t_row,  # [V] teacher logits of this row
@@ -257,10 +272,8 @@ def _loss_sweep(
     n_whole, end, start, step = _whole_span(lo, hi, REVERSE, BLOCK)
     if REVERSE:
         if end < hi:
-            s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, _evict(KIND), BLOCK)
-            l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
-            loss_acc, g_acc = _loss_trip(grad_row, end, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, loss_acc,
-                                         g_acc, KIND, HAS_GRAD, False, BLOCK)
+            loss_acc, g_acc = _loss_partial(s_row, t_row, grad_row, end, hi, scale2, grad_scale, m_s, lz_s, m_t,
+                                            lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD, BLOCK)
     s_next, t_next = _pair(s_row, t_row, start, lo, end, _evict(KIND), BLOCK)
     for _trip in range(0, n_whole):
         s_raw, t_raw = s_next, t_next
@@ -271,10 +284,8 @@ def _loss_sweep(
         start += step
     if not REVERSE:
         if end < hi:
-            s_raw, t_raw = _partial_pair(s_row, t_row, end, hi, _evict(KIND), BLOCK)
-            l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
-            loss_acc, g_acc = _loss_trip(grad_row, end, l2s, ps, l2t, pt, hi, grad_scale, alpha, beta, loss_acc,
-                                         g_acc, KIND, HAS_GRAD, False, BLOCK)
+            loss_acc, g_acc = _loss_partial(s_row, t_row, grad_row, end, hi, scale2, grad_scale, m_s, lz_s, m_t,
+                                            lz_t, alpha, beta, loss_acc, g_acc, KIND, HAS_GRAD, BLOCK)
     return tl.sum(loss_acc, 0) * LN2, tl.sum(g_acc, 0)
 
 
@@ -283,7 +294,7 @@ def _grad_trip(grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s,
                KIND: tl.constexpr, WHOLE: tl.constexpr, BLOCK: tl.constexpr):
     """One tile of :func:`_grad_sweep`."""
     l2s, ps, l2t, pt = _tile_probs(s_raw, t_raw, scale2, m_s, lz_s, m_t, lz_t)
-    terms, g = _loss_terms(l2s, ps, l2t, pt, alpha, beta, KIND)
+    _terms, g = _loss_terms(l2s, ps, l2t, pt, alpha, beta, KIND)
     cols = start + tl.arange(0, BLOCK)
     if WHOLE:
         _store_grad(grad_row + cols, ps * (g - g_mean) * grad_scale, None)

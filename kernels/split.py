@@ -21,7 +21,7 @@ import triton.language as tl
 
 from switchkd.ops.spec import triton_interpreted as interpreted
 
-from .divergence import LANE_GROUP, NEG_BIG, READ_AGAIN, _grad_sweep, _load_tile, _nan_unless, _zero_sweep
+from .divergence import LANE_GROUP, NEG_BIG, READ_AGAIN, _grad_sweep, _nan_unless, _whole_tile, _zero_sweep
 
 # Modes of the statistics sweep: statistics only, or also each chunk's argmax (greedy decoding).
 NO_SAMPLE: tl.constexpr = tl.constexpr(0)
@@ -50,12 +50,8 @@ def row_kernel_configs():
     80 registers, so that 24–32 warps per SM keep more loads in flight. On an H200 (kd_loss jsd 8192 x 128256 bf16,
     benchmarks/RESULTS.md) they took 3.57 and 3.59 ms against 4.04 at 255; persistent grids and programs sharing a
     row took 4.5–6.6 ms and are gone. The capped ones need the JIT's 16-byte vector loads (:func:`needs_alignment`)."""
-    return [
-        triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=2, maxnreg=255),
-        triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=2, maxnreg=255),
-        triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=2, maxnreg=64),
-        triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=2, maxnreg=80),
-    ]
+    return gpu_tile_configs()[:2] + [triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=2, maxnreg=cap)
+                                     for cap in (64, 80)]
 
 
 def switch_step_configs():
@@ -206,10 +202,8 @@ def _stats_end(m, z, best, col, hi):
 def _whole_tiles(s_row, t_row, start, whole, PAIR: tl.constexpr, BLOCK: tl.constexpr):
     """Raw tiles at ``start`` of both rows (the student's twice without PAIR), read only when ``start < whole``, so
     whole tiles load with one uniform predicate and no ``-inf`` fill. :func:`_row_stats` loads a trip ahead."""
-    cols = start + tl.arange(0, BLOCK)
-    inside = tl.full([BLOCK], start, tl.int32) < whole  # uniform over the tile: the loads stay 16-byte vectors
-    s = _load_tile(s_row + cols, inside, READ_AGAIN, False)  # the next sweep reads them again
-    t = _load_tile(t_row + cols, inside, READ_AGAIN, False) if PAIR else s
+    s = _whole_tile(s_row, start, start, whole, READ_AGAIN, BLOCK)  # the next sweep reads them again
+    t = _whole_tile(t_row, start, start, whole, READ_AGAIN, BLOCK) if PAIR else s
     return s, t
 
 
