@@ -147,11 +147,21 @@ def multiprocessors(device) -> int:
     return 4
 
 
-def split_plan(rows: int, vocab: int, device, splits: int | None = None, programs_per_sm: int = 2) -> tuple[int, int]:
+def resident_splits(device) -> int:
+    """Most programs per row for a kernel whose programs of a row wait for one another (the switch step in one
+    launch): they must all be resident at once, and one per multiprocessor is what every config leaves room for (the
+    widest takes 250 registers x 8 warps when V is not a multiple of 16, tests/aot_compile.py). No bound in the
+    interpreter, which runs such a kernel's halves as two launches."""
+    return multiprocessors(device) if _is_cuda(device) else MAX_SPLITS
+
+
+def split_plan(rows: int, vocab: int, device, splits: int | None = None, programs_per_sm: int = 2,
+               max_splits: int = MAX_SPLITS) -> tuple[int, int]:
     """``(n_splits, chunk)``: enough programs for two per multiprocessor (8 in the interpreter), each chunk at least
     1024 columns (256 interpreted) and a multiple of 128; with ``programs_per_sm`` above 2, more splits (a power of 2),
-    up to that many programs per multiprocessor, as long as chunks keep 4 times the minimum. ``splits`` overrides the
-    count (tests), which the 128-column alignment may then lower.
+    up to that many programs per multiprocessor, as long as chunks keep 4 times the minimum; never more than
+    ``max_splits``. ``splits`` overrides the count (tests), which the cap and the 128-column alignment may then
+    lower.
 
     The switch step asks for 8: on an H200 at V = 128256 bf16, B = 256 took 108.9 / 97.6 / 92.5 / 99.5 µs with 2 / 4
     / 8 / 16 splits, B = 32 18.6 / 18.3 / 26.5 µs with 16 / 32 / 64, and 23.8 µs with 31 (chunks of 4.1 tiles: a
@@ -164,7 +174,7 @@ def split_plan(rows: int, vocab: int, device, splits: int | None = None, program
         many = triton.next_power_of_2(triton.cdiv(programs_per_sm * target, max(rows, 1)))
         longest = triton.next_power_of_2(vocab // (4 * min_chunk) + 1) // 2  # a power of 2: whole tiles per chunk
         splits = max(splits, min(many, longest))
-    splits = max(1, min(splits, MAX_SPLITS))
+    splits = max(1, min(splits, max_splits, MAX_SPLITS))
     chunk = triton.cdiv(triton.cdiv(vocab, splits), COL_ALIGN) * COL_ALIGN
     return triton.cdiv(vocab, chunk), chunk
 

@@ -279,7 +279,8 @@ def _switch_step_fused_kernel(
     """The whole step in one launch: program ``row * S + split`` runs phase 1 of its chunk, waits for the row's other
     programs, runs phase 2, and the row's last program out runs the finish. A program waits only for the others of
     its row, which come right after it in launch order, so the row's programs need only be resident together (the
-    GPU starts programs in order). PHASE 1 / 2 runs only that half (the interpreter, which runs programs one after
+    GPU starts programs in order; the plan keeps ``S`` within what the GPU holds at once, ``split.resident_splits``).
+    PHASE 1 / 2 runs only that half (the interpreter, which runs programs one after
     another, launches twice); PHASE 0 both."""
     pid = tl.program_id(0)
     row = (pid // n_splits).to(tl.int64)

@@ -126,6 +126,25 @@ def test_one_launch_matches_three(temperature, policy, kind, given, splits):
     torch.testing.assert_close(grad1, grad3)
 
 
+def test_one_launch_splits_fit_the_gpu_at_once(monkeypatch):
+    """A row's programs in the one launch wait for one another, so its plan never cuts a row into more programs than
+    the GPU holds at once (one per multiprocessor), even when asked to; three launches may."""
+    from switchkd.kernels import split
+
+    cuda = torch.device("cuda", 0)
+    for sms in (20, 132):
+        monkeypatch.setattr(split, "_sm_count", lambda index, sms=sms: sms)
+        assert split.resident_splits(cuda) == sms
+        for rows in (1, 4, 256):
+            wide = split.split_plan(rows, 128256, cuda, programs_per_sm=8)[0]
+            capped = split.split_plan(rows, 128256, cuda, programs_per_sm=8, max_splits=sms)[0]
+            assert capped <= sms and capped == min(wide, capped)
+        assert split.split_plan(1, 128256, cuda, splits=1000, max_splits=sms)[0] <= sms
+        if sms == 20:  # where the cap bites: uncapped, one row would take more programs than the card holds
+            assert split.split_plan(1, 128256, cuda, programs_per_sm=8)[0] > sms
+    assert split.resident_splits(torch.device("cpu")) == split.MAX_SPLITS  # the interpreter runs the halves apart
+
+
 @pytest.mark.parametrize("rows", [1, 32, 64, 256, 1024])
 def test_split_plan_fills_a_gpu_with_chunks_of_whole_tiles(rows, monkeypatch):
     """The switch step's plan on a 132-multiprocessor GPU: at least 2 programs per multiprocessor, 8 once rows allow

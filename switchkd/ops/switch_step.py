@@ -98,9 +98,10 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
     Returns a :class:`SwitchStep` whose ``loss`` carries no graph, and the per-row gradient
     ``d loss[b] / d student_logits[b]`` ``[B, V]`` (or None). ``splits`` overrides the split count (tests);
     ``student_tokens`` (int64 ``[B]``) skips the student's sampling scan; ``fused`` picks one launch or three
-    (None: :func:`fused_step_enabled`).
+    (None: :func:`fused_step_enabled`); one launch caps the splits at what the GPU holds at once (a row's programs
+    wait for one another: ``split.resident_splits``).
     """
-    from ..kernels.split import GREEDY, NO_SAMPLE, _grad_kernel, split_plan
+    from ..kernels.split import GREEDY, MAX_SPLITS, NO_SAMPLE, _grad_kernel, resident_splits, split_plan
 
     (batch, vocab), device = student_logits.shape, student_logits.device
     greedy, topk = temperature == 0, policy.kind == "topk"
@@ -115,7 +116,9 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
     grad = torch.empty_like(student_logits) if need_grad else None
     if batch == 0:
         return step, grad
-    n_splits, chunk = split_plan(batch, vocab, device, splits, programs_per_sm=8)
+    fused = fused_step_enabled() if fused is None else fused
+    n_splits, chunk = split_plan(batch, vocab, device, splits, programs_per_sm=8,
+                                 max_splits=resident_splits(device) if fused else MAX_SPLITS)
     work, rows = _workspace(batch, n_splits, device, greedy), _row_inputs(positions, row_keys, s_tokens)
     sums = torch.empty(batch, n_splits, 4, device=device, dtype=torch.float32)
     inv_temp = 1.0 / temperature if temperature > 0 else 1.0
@@ -131,7 +134,7 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
                  "seed_key": reference.seed_hash(seed), "TOPK": topk, "GREEDY": greedy, "HAS_GRAD": need_grad,
                  "STUDENT_GIVEN": student_tokens is not None}
     outputs = _output_args(step, policy)
-    _launch(fused_step_enabled() if fused is None else fused, batch, n_splits, logits, sampling, step_args, outputs)
+    _launch(fused, batch, n_splits, logits, sampling, step_args, outputs)
     if need_grad and kind != "fkl":
         del grads["cand_ptr"], grads["cand_col_ptr"]
         _grad_kernel[(batch, n_splits)](**logits, **grads, labels_ptr=sums, weight_ptr=sums, sums_ptr=sums,
