@@ -131,6 +131,8 @@ def test_one_launch_splits_fit_the_gpu_at_once(monkeypatch):
     the GPU holds at once (one per multiprocessor), even when asked to; three launches may."""
     from switchkd.kernels import split
 
+    # the bound holds for every config: one program at the register cap fits an SM's 64K registers
+    assert all(c.num_warps * 32 * (c.maxnreg or 255) <= 65536 for c in split.switch_step_configs())
     cuda = torch.device("cuda", 0)
     for sms in (20, 132):
         monkeypatch.setattr(split, "_sm_count", lambda index, sms=sms: sms)
