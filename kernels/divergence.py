@@ -178,11 +178,54 @@ def _evict(KIND: tl.constexpr):
 
 
 @triton.jit
+def _widen(words, BLOCK: tl.constexpr):
+    """The ``BLOCK`` float32 columns, in order, of ``BLOCK // 2`` words of two bf16 (the lower half first).
+
+    Packed rows: a row pointer to int32 holds bf16 logits as words of two columns each
+    (``switchkd.ops.spec.kernel_rows``). Tiles start on even columns, and a word widens to its two columns with one
+    shift and one AND, where a bf16 load takes about two instructions per column (sm_90 SASS: a byte permute, then
+    the shift). The loaders below test the pointer's type inline: triton 3.6 does not fold a jit helper's result
+    into a compile-time branch."""
+    low = (words << 16).to(tl.float32, bitcast=True)
+    high = (words & -65536).to(tl.float32, bitcast=True)
+    return tl.reshape(tl.join(low, high), [BLOCK])
+
+
+@triton.jit
 def _whole_tile(row, start, first, end, EVICT: tl.constexpr, BLOCK: tl.constexpr):
     """A whole raw tile at ``start``, read only when ``first <= start < end``: one predicate for the whole tile, so
-    the loads stay 16-byte vectors with nothing filled."""
-    at = tl.full([BLOCK], start, tl.int32)
-    return _load_tile(row + start + tl.arange(0, BLOCK), (at >= first) & (at < end), EVICT, False)
+    the loads stay 16-byte vectors with nothing filled. Packed rows (:func:`_widen`) come back as float32."""
+    if row.dtype.element_ty == tl.int32:  # packed (:func:`_widen`)
+        at = tl.full([BLOCK // 2], start, tl.int32)
+        words = _load_tile(row + start // 2 + tl.arange(0, BLOCK // 2), (at >= first) & (at < end), EVICT, False)
+        return _widen(words, BLOCK)
+    else:
+        at = tl.full([BLOCK], start, tl.int32)
+        return _load_tile(row + start + tl.arange(0, BLOCK), (at >= first) & (at < end), EVICT, False)
+
+
+@triton.jit
+def _partial_tile(row, start, hi, EVICT: tl.constexpr, BLOCK: tl.constexpr):
+    """The raw tile at ``start``, -inf from column ``hi`` on (float32 for packed rows)."""
+    cols = start + tl.arange(0, BLOCK)
+    if row.dtype.element_ty == tl.int32:  # packed (:func:`_widen`)
+        words = start // 2 + tl.arange(0, BLOCK // 2)
+        return tl.where(cols < hi, _widen(_load_tile(row + words, words * 2 < hi, EVICT, False), BLOCK),
+                        -float("inf"))
+    else:
+        return _load_tile(row + cols, cols < hi, EVICT, True)
+
+
+@triton.jit
+def _load_column(row, col, V):
+    """Column ``col`` of a row as float32 (-inf outside ``[0, V)``)."""
+    inside = (col >= 0) & (col < V)
+    if row.dtype.element_ty == tl.int32:  # packed (:func:`_widen`)
+        word = tl.load(row + col // 2, mask=inside, other=0)
+        bits = tl.where(col % 2 == 0, word << 16, word & -65536)
+        return tl.where(inside, bits.to(tl.float32, bitcast=True), -float("inf"))
+    else:
+        return tl.load(row + col, mask=inside, other=-float("inf")).to(tl.float32)
 
 
 @triton.jit
@@ -197,8 +240,7 @@ def _pair(s_row, t_row, start, first, end, EVICT: tl.constexpr, BLOCK: tl.conste
 @triton.jit
 def _partial_pair(s_row, t_row, start, hi, EVICT: tl.constexpr, BLOCK: tl.constexpr):
     """Both rows' raw tiles at ``start``, -inf from ``hi`` on: the last, partial tile of a sweep."""
-    cols = start + tl.arange(0, BLOCK)
-    return _load_tile(s_row + cols, cols < hi, EVICT, True), _load_tile(t_row + cols, cols < hi, EVICT, True)
+    return _partial_tile(s_row, start, hi, EVICT, BLOCK), _partial_tile(t_row, start, hi, EVICT, BLOCK)
 
 
 @triton.jit

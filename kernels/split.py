@@ -21,7 +21,17 @@ import triton.language as tl
 
 from switchkd.ops.spec import triton_interpreted as interpreted
 
-from .divergence import LANE_GROUP, NEG_BIG, READ_AGAIN, _grad_sweep, _nan_unless, _whole_tile, _zero_sweep
+from .divergence import (
+    KEEP,
+    LANE_GROUP,
+    NEG_BIG,
+    READ_AGAIN,
+    _grad_sweep,
+    _nan_unless,
+    _partial_tile,
+    _whole_tile,
+    _zero_sweep,
+)
 
 # Modes of the statistics sweep: statistics only, or also each chunk's argmax (greedy decoding).
 NO_SAMPLE: tl.constexpr = tl.constexpr(0)
@@ -272,11 +282,11 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
                 s, t, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
                 SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
     if whole < hi:
-        cols = whole + tl.arange(0, BLOCK)
-        s = tl.load(s_row + cols, mask=cols < hi, other=-float("inf"))
-        t = tl.load(t_row + cols, mask=cols < hi, other=-float("inf")) if PAIR else s
+        s = _partial_tile(s_row, whole, hi, KEEP, BLOCK)
+        t = _partial_tile(t_row, whole, hi, KEEP, BLOCK) if PAIR else s
         m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
-            s, t, cols, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
+            s, t, whole + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, SAMPLE_S,
+            SAMPLE_T, PAIR, BLOCK)
     m_s, z_s, best_s, col_s = _stats_end(m_s, z_s, best_s, col_s, hi)
     m_t, z_t, best_t, col_t = _stats_end(m_t, z_t, best_t, col_t, hi)
     return m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t

@@ -27,6 +27,7 @@ from .divergence import (
     _evict,
     _fold,
     _jsd_sum,
+    _load_column,
     _loss_trip,
     _nan_unless,
     _pair,
@@ -137,7 +138,7 @@ def _step_chunk(s_ptr, t_ptr, positions_ptr, row_keys_ptr, stats_ptr, cand_ptr, 
         scan_t = split == split_t
     t_at_student = 0.0
     if TOPK:
-        t_at_student = tl.load(t_row + tok_s, mask=(tok_s >= 0) & (tok_s < V), other=-float("inf")).to(tl.float32)
+        t_at_student = _load_column(t_row, tok_s, V)
 
     grad_scale = _nan_unless(valid, inv_temp)
     jsd_acc = tl.zeros([BLOCK], dtype=tl.float32)  # per column: each product fuses into its add

@@ -26,6 +26,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
               torch.int32: "i32", torch.uint8: "u8", torch.bool: "u8"}
 VOCAB = 50257
+PACKED_VOCAB = 128256
 SPLITS = 4
 # module → kernels its launchers may start
 KERNELS = {"split": ("_stats_kernel", "_grad_kernel"),
@@ -74,8 +75,8 @@ def _record(launch):
 
 
 def switch_step_case(dtype, policy="exp", kind="fkl", greedy=False, scalar_args=False, has_grad=True,
-                     given_student=False, splits=SPLITS, fused=False):
-    s = torch.zeros(2, VOCAB, dtype=DTYPES[dtype], requires_grad=has_grad)
+                     given_student=False, splits=SPLITS, fused=False, vocab=None):
+    s = torch.zeros(2, vocab or VOCAB, dtype=DTYPES[dtype], requires_grad=has_grad)
     positions = 3 if scalar_args else torch.zeros(2, dtype=torch.int64)
     keys = None if scalar_args else torch.zeros(2, dtype=torch.int64)
     given = torch.zeros(2, dtype=torch.int64) if given_student else None
@@ -84,8 +85,8 @@ def switch_step_case(dtype, policy="exp", kind="fkl", greedy=False, scalar_args=
         kind=kind, alpha=0.1, beta=0.5, need_grad=has_grad, splits=splits, student_tokens=given, fused=fused))
 
 
-def kd_loss_case(dtype, kind="srkl", has_labels=True, has_grad=True, splits=1, weighted=True):
-    s = torch.zeros(2, VOCAB, dtype=DTYPES[dtype])
+def kd_loss_case(dtype, kind="srkl", has_labels=True, has_grad=True, splits=1, weighted=True, vocab=None):
+    s = torch.zeros(2, vocab or VOCAB, dtype=DTYPES[dtype])
     labels = torch.zeros(2, dtype=torch.int64) if has_labels else None
     weight = torch.ones((), dtype=torch.float32) if weighted else None
     return _record(lambda: kd_loss_op.kd_loss_triton(
@@ -143,6 +144,18 @@ def cases():
     for splits in (1, SPLITS):
         out[f"sm90-bf16-kd_loss-nolabels-nograd-unweighted-{splits}"] = (
             90, kd_loss_case, ("bf16",), {"has_labels": False, "has_grad": False, "splits": splits, "weighted": False})
+    # bf16 rows the kernels read as int32 words (switchkd.ops.spec.kernel_rows): an even V with aligned rows
+    packed = {"vocab": PACKED_VOCAB}
+    for arch in (80, 90):
+        out[f"sm{arch}-bf16-packed-switch_step"] = (arch, switch_step_case, ("bf16",), packed)
+        out[f"sm{arch}-bf16-packed-switch_step-fused"] = (arch, switch_step_case, ("bf16",), {**packed, "fused": True})
+        out[f"sm{arch}-bf16-packed-kd_loss"] = (arch, kd_loss_case, ("bf16",), {**packed, "kind": "jsd"})
+        out[f"sm{arch}-bf16-packed-kd_loss-split"] = (arch, kd_loss_case, ("bf16",),
+                                                      {**packed, "kind": "srkl", "splits": SPLITS})
+    out["sm90-bf16-packed-switch_step-fused-greedy-topk-nograd"] = (
+        90, switch_step_case, ("bf16",), {**packed, "fused": True, "greedy": True, "policy": "topk", "has_grad": False})
+    out["sm90-bf16-packed-switch_step-topk-given-student-rkl"] = (
+        90, switch_step_case, ("bf16",), {**packed, "policy": "topk", "given_student": True, "kind": "rkl"})
     out["sm90-bf16-sample-greedy-scalars"] = (90, sample_case, ("bf16",), {"greedy": True, "scalar_args": True})
     return out
 

@@ -10,6 +10,7 @@ from switchkd.kernels import kd_loss as kd_kernels
 from switchkd.kernels import split as split_kernels
 from switchkd.kernels import switch_step as step_kernels
 from switchkd.ops.kd_loss import kd_loss_triton
+from switchkd.ops.spec import kernel_rows
 from switchkd.ops.stored_grad import attach_grad
 
 from conftest import DEVICE, assert_error_ratio, random_logits
@@ -160,6 +161,47 @@ def test_gradient_written_over_the_student_logits(kind, params, splits):
     assert torch.equal(rows_in_place, rows) and torch.equal(grad_in_place, grad)
     with pytest.raises(ValueError, match="grad_out"):
         kd_loss_triton(s, t, labels, grad_out=buffer.float(), **args)
+
+
+def strided_copy(x, pad=2):
+    """``x`` in rows ``pad`` columns longer: the same values, but a row stride that is no multiple of 32, so the
+    kernels read them as bf16, not as int32 words (``kernel_rows``)."""
+    out = torch.empty(x.shape[0], x.shape[1] + pad, dtype=x.dtype, device=x.device)[:, :x.shape[1]]
+    return out.copy_(x)
+
+
+def test_kernel_rows_packs_only_aligned_bf16_pairs():
+    """bf16 rows go to the kernels as int32 words of two columns when every tile stays 16-byte aligned as words: V
+    even, the row stride a multiple of 32 (any even stride for one row), an aligned base."""
+    x = torch.zeros(4, 128, dtype=torch.bfloat16, device=DEVICE)
+    words, stride = kernel_rows(x)
+    assert words.dtype == torch.int32 and words.shape == (4, 64) and stride == 64
+    assert words.data_ptr() == x.data_ptr()
+    one_row = torch.zeros(1, 130, dtype=torch.bfloat16, device=DEVICE)[:, :128]
+    words, stride = kernel_rows(one_row)
+    assert words.dtype == torch.int32 and words.shape == (1, 64) and stride == 65
+    for plain in (x.float(), x.half(), torch.zeros(4, 127, dtype=torch.bfloat16, device=DEVICE), strided_copy(x),
+                  torch.zeros(4, 129, dtype=torch.bfloat16, device=DEVICE)[:, 1:]):
+        rows, stride = kernel_rows(plain)
+        assert rows is plain and stride == plain.stride(0)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("kind, params", [KINDS[0], KINDS[3], KINDS[5]], ids=str)
+def test_packed_rows_match_bf16_rows(kind, params, splits):
+    """Rows read as int32 words give the loss and gradient of the same rows read as bf16, bit for bit (a partial
+    tile and ignored rows included), and so does the gradient written over packed student logits."""
+    s, t = random_logits(5, 1280, torch.bfloat16), random_logits(5, 1280, torch.bfloat16)
+    assert kernel_rows(s)[0].dtype == torch.int32
+    labels = torch.tensor([3, -100, 0, 7, -100], device=DEVICE)
+    args = {"kind": kind, "alpha": params.get("alpha", 0.1), "beta": params.get("beta", 0.5), "temperature": 1.3,
+            "ignore_index": -100, "need_grad": True, "splits": splits}
+    rows, grad = kd_loss_triton(s, t, labels, **args)
+    rows_bf16, grad_bf16 = kd_loss_triton(strided_copy(s), strided_copy(t), labels, **args)
+    assert torch.equal(rows, rows_bf16) and torch.equal(grad, grad_bf16)
+    buffer = s.clone()
+    rows_in_place, grad_in_place = kd_loss_triton(buffer, t, labels, grad_out=buffer, **args)
+    assert torch.equal(rows_in_place, rows) and torch.equal(grad_in_place, grad)
 
 
 def test_in_place_guard_restores_the_logits_after_each_timing_run():

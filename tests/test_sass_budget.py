@@ -19,10 +19,10 @@ BUDGETS = {
     "switch_step phase 1 (statistics)": 15,
     "switch_step phase 2 (jsd, fkl loss and gradient; the sampling scans cold)": 30,
     "switch_step phase 2, decoding (jsd and fkl loss, no gradient)": 26,
-    "switch_step in one launch, decoding (statistics, then jsd and fkl loss)": 42,
-    "kd_loss jsd, one program per row": 71,
-    "kd_loss fkl, one program per row": 38,
-    "kd_loss srkl (the default kind), one program per row": 70,
+    "switch_step in one launch, decoding (statistics, then jsd and fkl loss)": 39,
+    "kd_loss jsd, one program per row": 65,
+    "kd_loss fkl, one program per row": 35,
+    "kd_loss srkl (the default kind), one program per row": 67,
     "kd_loss split phase 1 (statistics)": 15,
 }
 

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from switchkd import SwitchPolicy, fused_switch_step, reference
+from switchkd.ops.spec import kernel_rows
 from switchkd.ops.stored_grad import attach_grad
 from switchkd.ops.switch_step import raise_on_bad_rows, switch_step_triton
 
 from conftest import DEVICE, assert_error_ratio, random_logits
-from test_kd_loss import GPU_TILES, GRAD_ATOL, LOSS_ATOL, only_config, plain_torch_loss
+from test_kd_loss import GPU_TILES, GRAD_ATOL, LOSS_ATOL, only_config, plain_torch_loss, strided_copy
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (rows, vocab, dtypes, temperatures): one split per row (V = 1, 7; B = 256), several (the rest).
@@ -105,6 +106,27 @@ def test_every_gpu_tile_matches_reference(block, launches):
                                  kind="fkl", alpha=0.1, beta=0.5, need_grad=False, splits=4)[0]
     rank = (t > t.gather(1, top.student_tokens[:, None])).sum(1)
     assert torch.equal(top.from_teacher, rank >= 50)
+
+
+@pytest.mark.parametrize("temperature, policy", [(1.0, POLICY), (0.0, POLICY), (0.8, SwitchPolicy("topk", top_k=30))],
+                         ids=str)
+def test_packed_rows_match_bf16_rows(temperature, policy, launches):
+    """Rows read as int32 words (``kernel_rows``) give the step of the same rows read as bf16, bit for bit: tokens,
+    decisions, divergence, loss and gradient, with a partial tile per chunk and the teacher logit at (odd and even)
+    student tokens for topk."""
+    s, t = random_logits(4, 3008, torch.bfloat16), random_logits(4, 3008, torch.bfloat16)
+    assert kernel_rows(s)[0].dtype == torch.int32 and kernel_rows(strided_copy(s))[0].dtype == torch.bfloat16
+    given = torch.tensor([0, 1, 2048, 3007], device=DEVICE) if policy.kind == "topk" else None
+    outs = [switch_step_triton(a, b, torch.arange(4, device=DEVICE), None, policy=policy, temperature=temperature,
+                               seed=2, kind="srkl", alpha=0.1, beta=0.5, need_grad=True, student_tokens=given)
+            for a, b in ((s, t), (strided_copy(s), strided_copy(t)))]
+    (packed, grad), (plain, grad_plain) = outs
+    for name in packed._fields:
+        assert torch.equal(getattr(packed, name), getattr(plain, name)), name
+    assert torch.equal(grad, grad_plain)
+    if given is not None:  # the ranks read the teacher logit at each token, either half of a word
+        rank = (t > t.gather(1, given[:, None])).sum(1)
+        assert torch.equal(packed.from_teacher, rank >= policy.top_k)
 
 
 @pytest.mark.parametrize("temperature, policy, kind, given, splits", [

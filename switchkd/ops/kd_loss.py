@@ -15,6 +15,7 @@ from .spec import (
     check_pair,
     check_reduction,
     check_temperature,
+    kernel_rows,
     resolve_backend,
     rows_2d,
 )
@@ -48,9 +49,10 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
         return loss, grad
     n_splits, chunk = split_plan(n_rows, vocab, device, splits)
     f32 = {"device": device, "dtype": torch.float32}
-    args = {"s_ptr": student_logits, "t_ptr": teacher_logits, "labels_ptr": loss if labels is None else labels,
+    (s_rows, s_stride), (t_rows, t_stride) = kernel_rows(student_logits), kernel_rows(teacher_logits)
+    args = {"s_ptr": s_rows, "t_ptr": t_rows, "labels_ptr": loss if labels is None else labels,
             "weight_ptr": loss if weight is None else weight, "grad_ptr": grad if need_grad else loss,
-            "s_stride": student_logits.stride(0), "t_stride": teacher_logits.stride(0),
+            "s_stride": s_stride, "t_stride": t_stride,
             "grad_stride": grad.stride(0) if need_grad else 0, "V": vocab, "chunk": chunk,
             "scale2": LOG2E / temperature, "inv_temp": 1.0 / temperature,
             "alpha": float(alpha), "beta": float(beta), "ignore_index": ignore_index, "KIND": LOSS_CODES[kind],
@@ -60,7 +62,7 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
         return loss, grad
     grid = (n_rows, n_splits)
     stats, sums = torch.empty(n_rows, n_splits, 4, **f32), torch.empty(n_rows, n_splits, 4, **f32)
-    _stats_kernel[grid](s_ptr=student_logits, t_ptr=teacher_logits, stats_ptr=stats, cand_ptr=stats,
+    _stats_kernel[grid](s_ptr=s_rows, t_ptr=t_rows, stats_ptr=stats, cand_ptr=stats,
                         cand_col_ptr=stats, s_stride=args["s_stride"], t_stride=args["t_stride"], V=vocab, chunk=chunk,
                         scale2=args["scale2"], SAMPLE=NO_SAMPLE, SAMPLE_S=NO_SAMPLE)
     split_args = {**args, "stats_ptr": stats, "sums_ptr": sums, "SPLITS": triton.next_power_of_2(n_splits)}

@@ -232,6 +232,19 @@ def rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def kernel_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``[R, V]`` logits (last dim contiguous) as the loss and switch-step kernels read them, and their row stride in
+    those elements. bf16 rows that stay 16-byte aligned as pairs (V even, the row stride a multiple of 32, an aligned
+    base) go as int32 words of two columns each: the kernels widen a word to two float32 columns in two instructions
+    instead of about four (``kernels.divergence._widen``). Others go as they are."""
+    rows, vocab = x.shape
+    stride = x.stride(0)
+    if (x.dtype == torch.bfloat16 and vocab % 2 == 0 and x.stride(1) == 1 and x.data_ptr() % 16 == 0
+            and (stride % 32 == 0 or (rows == 1 and stride % 2 == 0))):
+        x = x.detach().view(torch.int32)
+    return x, x.stride(0)
+
+
 def triton_interpreted() -> bool:
     """Triton runs in its CPU interpreter (TRITON_INTERPRET=1, read when triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -21,6 +21,7 @@ from .spec import (
     check_pair,
     check_positions,
     check_temperature,
+    kernel_rows,
     resolve_backend,
     rows_2d,
     triton_interpreted,
@@ -123,8 +124,9 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
     sums = torch.empty(batch, n_splits, 4, device=device, dtype=torch.float32)
     inv_temp = 1.0 / temperature if temperature > 0 else 1.0
     # one rounding of the base-2 scale, shared by every phase (and by ``sample``)
-    logits = {"s_ptr": student_logits, "t_ptr": teacher_logits, "s_stride": student_logits.stride(0),
-              "t_stride": teacher_logits.stride(0), "V": vocab, "chunk": chunk, "scale2": _scale2(temperature)}
+    (s_rows, s_stride), (t_rows, t_stride) = kernel_rows(student_logits), kernel_rows(teacher_logits)
+    logits = {"s_ptr": s_rows, "t_ptr": t_rows, "s_stride": s_stride, "t_stride": t_stride, "V": vocab, "chunk": chunk,
+              "scale2": _scale2(temperature)}
     grads = {"grad_ptr": grad if need_grad else sums, "grad_stride": grad.stride(0) if need_grad else 0,
              "inv_temp": inv_temp, "alpha": float(alpha), "beta": float(beta), "KIND": LOSS_CODES[kind],
              "SPLITS": triton.next_power_of_2(n_splits), **work}
