@@ -9,7 +9,7 @@ program whose column range holds ``u`` sums its tiles, and only the tile holding
 import triton
 import triton.language as tl
 
-from .divergence import _log2_probs
+from .divergence import KEEP, _log2_probs, _partial_tile
 from .split import NO_SAMPLE, _row_stats
 
 NO_TOKEN: tl.constexpr = tl.constexpr(-1)  # a scan's token before it is found
@@ -67,7 +67,7 @@ def _argmax_update(score, start, best, best_col):
 
 @triton.jit
 def _sample_kernel(
-    x_ptr,  # [B, V] logits
+    x_ptr,  # [B, V] logits (bf16 ones maybe as int32 words: ``switchkd.ops.spec.kernel_rows``)
     positions_ptr,  # [B] int64 generated-token index (read unless POS_SCALAR)
     row_keys_ptr,  # [B] int64 stable sequence ids (read unless KEYS_ARANGE)
     tokens_ptr,  # [B] int64 output: sampled token
@@ -83,9 +83,8 @@ def _sample_kernel(
         best = -float("inf")
         token = 0
         for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-            best, token = _argmax_update(x, start, best, token)
+            best, token = _argmax_update(_partial_tile(x_row, start, V, KEEP, BLOCK).to(tl.float32), start, best,
+                                         token)
     else:
         pos = position if POS_SCALAR else tl.load(positions_ptr + row)
         u = _row_uniform(seed_key, row if KEYS_ARANGE else tl.load(row_keys_ptr + row), pos, MODEL)
@@ -97,8 +96,7 @@ def _sample_kernel(
         last = tl.full([], NO_TOKEN, tl.int32)
         for start in range(0, V, BLOCK):
             if token == NO_TOKEN:
-                cols = start + tl.arange(0, BLOCK)
-                x2 = tl.load(x_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32) * scale2
+                x2 = _partial_tile(x_row, start, V, KEEP, BLOCK).to(tl.float32) * scale2
                 _l2p, p = _log2_probs(x2, m, lz)
                 running, token, last = _cdf_tile(p, start, running, u, token, last, BLOCK)
         token = _scan_result(token, last)

@@ -94,8 +94,8 @@ def kd_loss_case(dtype, kind="srkl", has_labels=True, has_grad=True, splits=1, w
         weight=weight, splits=splits))
 
 
-def sample_case(dtype, greedy=False, scalar_args=False):
-    x = torch.zeros(2, VOCAB, dtype=DTYPES[dtype])
+def sample_case(dtype, greedy=False, scalar_args=False, vocab=None):
+    x = torch.zeros(2, vocab or VOCAB, dtype=DTYPES[dtype])
     positions = 3 if scalar_args else torch.zeros(2, dtype=torch.int64)
     return _record(lambda: switch_step_op.sample_triton(
         x, positions, None, temperature=0.0 if greedy else 1.0, seed=0, model=1))
@@ -154,6 +154,8 @@ def cases():
                                                       {**packed, "kind": "srkl", "splits": SPLITS})
     out["sm90-bf16-packed-switch_step-fused-greedy-topk-nograd"] = (
         90, switch_step_case, ("bf16",), {**packed, "fused": True, "greedy": True, "policy": "topk", "has_grad": False})
+    for greedy in (False, True):
+        out[f"sm90-bf16-packed-sample{'-greedy' * greedy}"] = (90, sample_case, ("bf16",), {**packed, "greedy": greedy})
     out["sm90-bf16-packed-switch_step-topk-given-student-rkl"] = (
         90, switch_step_case, ("bf16",), {**packed, "policy": "topk", "given_student": True, "kind": "rkl"})
     out["sm90-bf16-sample-greedy-scalars"] = (90, sample_case, ("bf16",), {"greedy": True, "scalar_args": True})

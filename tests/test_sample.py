@@ -3,8 +3,10 @@ import torch
 from test_switch_step import assert_frequencies_match
 
 from switchkd import fused_switch_step, reference, sample
+from switchkd.ops.spec import kernel_rows
 
 from conftest import DEVICE, random_logits
+from test_kd_loss import strided_copy
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
@@ -26,6 +28,15 @@ def test_kernel_matches_reference(rows, vocab, dtype):
     assert out.dtype == torch.int64
     assert torch.equal(out, reference.sample(x.double(), 4, temperature=0.8, seed=21))
     assert torch.equal(sample(x, 4, temperature=0.0, backend="triton"), x.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [0.8, 0.0])
+def test_packed_rows_sample_as_bf16_rows(temperature):
+    """bf16 rows read as int32 words (``kernel_rows``) draw the tokens of the same rows read as bf16."""
+    x = random_logits(3, 4992, torch.bfloat16)
+    assert kernel_rows(x)[0].dtype == torch.int32
+    options = {"temperature": temperature, "seed": 4, "backend": "triton"}
+    assert torch.equal(sample(x, 2, **options), sample(strided_copy(x), 2, **options))
 
 
 def test_kernel_frequencies_match_the_softmax():

@@ -271,8 +271,9 @@ def sample_triton(logits, positions, row_keys, *, temperature, seed, model):
     block = min(4096, triton.next_power_of_2(max(vocab, 16)))
     tokens = logits.new_empty(batch, dtype=torch.int64)
     if batch > 0:
+        rows, stride = kernel_rows(logits)
         _sample_kernel[(batch,)](
-            x_ptr=logits, tokens_ptr=tokens, x_stride=logits.stride(0), V=vocab, seed_key=reference.seed_hash(seed),
+            x_ptr=rows, tokens_ptr=tokens, x_stride=stride, V=vocab, seed_key=reference.seed_hash(seed),
             scale2=_scale2(temperature), MODEL=model, GREEDY=temperature == 0,
             **_row_inputs(positions, row_keys, tokens), BLOCK=block, num_warps=8 if block >= 2048 else 4,
         )
