@@ -200,14 +200,35 @@ def _stats_start(lo, BLOCK: tl.constexpr):
 def _stats_tile(x, cols, scale2, m, z, best, col, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
     """Fold one tile of raw logits ``x`` (-inf past the end) into running statistics. The max is taken on the raw
     logits (``scale2 > 0``), so each column costs one fused multiply-add, one exp2 and one add."""
-    groups = tl.reshape(x, [BLOCK // LANE_GROUP, LANE_GROUP])
-    m_new = tl.maximum(m, tl.max(groups, 1) * scale2)
-    z = z * tl.exp2(m - m_new) + tl.sum(tl.exp2(groups * scale2 - m_new[:, None]), 1)
+    m, z = _fold_groups(tl.reshape(x, [BLOCK // LANE_GROUP, LANE_GROUP]), scale2, m, z)
     if SAMPLE == GREEDY:
-        take = x > best
-        best = tl.where(take, x, best)
-        col = tl.where(take, cols, col)
-    return m_new, z, best, col
+        best, col = _best_update(x, cols, best, col)
+    return m, z, best, col
+
+
+@triton.jit
+def _stats_two_tiles(x, x2, cols, scale2, m, z, best, col, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`_stats_tile` over two tiles at once (``x2`` at ``cols + BLOCK``): a thread's group takes its columns of
+    both, so the rescale is one exp2 per group and trip, not per tile (MUFU per logit pair 2.25 -> 2.125)."""
+    m, z = _fold_groups(tl.reshape(tl.join(x, x2), [BLOCK // LANE_GROUP, 2 * LANE_GROUP]), scale2, m, z)
+    if SAMPLE == GREEDY:
+        best, col = _best_update(x, cols, best, col)
+        best, col = _best_update(x2, cols + BLOCK, best, col)
+    return m, z, best, col
+
+
+@triton.jit
+def _fold_groups(groups, scale2, m, z):
+    """Running per-group ``(max, sum)`` after the raw columns ``groups`` (one row per group)."""
+    m_new = tl.maximum(m, tl.max(groups, 1) * scale2)
+    return m_new, z * tl.exp2(m - m_new) + tl.sum(tl.exp2(groups * scale2 - m_new[:, None]), 1)
+
+
+@triton.jit
+def _best_update(x, cols, best, col):
+    """Per-column running best logit and its column (the earlier tile keeps ties)."""
+    take = x > best
+    return tl.where(take, x, best), tl.where(take, cols, col)
 
 
 @triton.jit
@@ -239,6 +260,18 @@ def _stats_trip(s, t, cols, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, c
 
 
 @triton.jit
+def _stats_two_trips(s, t, s2, t2, cols, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
+                     SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`_stats_trip` over two loaded tiles of each row (the second at ``cols + BLOCK``), as one."""
+    m_s, z_s, best_s, col_s = _stats_two_tiles(s.to(tl.float32), s2.to(tl.float32), cols, scale2, m_s, z_s, best_s,
+                                               col_s, SAMPLE_S, BLOCK)
+    if PAIR:
+        m_t, z_t, best_t, col_t = _stats_two_tiles(t.to(tl.float32), t2.to(tl.float32), cols, scale2, m_t, z_t,
+                                                   best_t, col_t, SAMPLE_T, BLOCK)
+    return m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t
+
+
+@triton.jit
 def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr,
                BLOCK: tl.constexpr, AHEAD: tl.constexpr = 1):
     """Base-2 softmax statistics ``(m, z = sum 2^(x2 - m))`` of columns ``[lo, hi)`` of the student row and, with
@@ -264,12 +297,9 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
             s, t, s2, t2 = s_next, t_next, s_second, t_second
             s_next, t_next = _whole_tiles(s_row, t_row, start + 2 * BLOCK, whole, PAIR, BLOCK)
             s_second, t_second = _whole_tiles(s_row, t_row, start + 3 * BLOCK, whole, PAIR, BLOCK)
-            m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
-                s, t, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
+            m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_two_trips(
+                s, t, s2, t2, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
                 SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
-            m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
-                s2, t2, start + BLOCK + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t,
-                col_t, SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
         if pairs_end < whole:  # an odd whole tile, already loaded
             m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
                 s_next, t_next, pairs_end + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t,

@@ -274,6 +274,18 @@ def test_greedy_is_argmax(backend, launches):
     assert torch.equal(out.teacher_tokens, t.argmax(-1))
 
 
+def test_greedy_ties_within_a_chunk_go_to_the_lowest_column(launches):
+    """One chunk of several tiles (the one launch's statistics sweep takes two tiles per trip, as one group): a tie
+    between two tiles of a trip goes to the lower column."""
+    s, t = random_logits(2, 4200), random_logits(2, 4200)
+    s[0, 700] = s[0, 1200] = s[0].max() + 1  # tiles 0 and 1 (of 1024 columns)
+    t[1, 2100] = t[1, 3500] = t[1].max() + 1  # tiles 2 and 3
+    step = switch_step_triton(s, t, 0, None, policy=POLICY, temperature=0.0, seed=0, kind="fkl", alpha=0.1, beta=0.5,
+                              need_grad=False, splits=1)[0]
+    assert torch.equal(step.student_tokens, s.argmax(-1)) and step.student_tokens[0] == 700
+    assert torch.equal(step.teacher_tokens, t.argmax(-1)) and step.teacher_tokens[1] == 2100
+
+
 def chi2_sf_even_dof(x, dof):
     """Survival function of the chi-square distribution for an even number of degrees of freedom."""
     half = x / 2
