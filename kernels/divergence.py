@@ -186,9 +186,14 @@ def _widen(words, BLOCK: tl.constexpr):
     shift and one AND, where a bf16 load takes about two instructions per column (sm_90 SASS: a byte permute, then
     the shift). The loaders below test the pointer's type inline: triton 3.6 does not fold a jit helper's result
     into a compile-time branch."""
-    low = (words << 16).to(tl.float32, bitcast=True)
-    high = (words & -65536).to(tl.float32, bitcast=True)
-    return tl.reshape(tl.join(low, high), [BLOCK])
+    return tl.reshape(tl.join(_bf16_half(words, False), _bf16_half(words, True)), [BLOCK])
+
+
+@triton.jit
+def _bf16_half(words, HIGH):
+    """The float32 value of each word's lower (or, HIGH, upper) bf16 half: the half moved to (or kept in) the top 16
+    bits, one instruction. ``HIGH`` may be a tensor (a per-element choice)."""
+    return tl.where(HIGH, words & -65536, words << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -222,8 +227,7 @@ def _load_column(row, col, V):
     inside = (col >= 0) & (col < V)
     if row.dtype.element_ty == tl.int32:  # packed (:func:`_widen`)
         word = tl.load(row + col // 2, mask=inside, other=0)
-        bits = tl.where(col % 2 == 0, word << 16, word & -65536)
-        return tl.where(inside, bits.to(tl.float32, bitcast=True), -float("inf"))
+        return tl.where(inside, _bf16_half(word, col % 2 == 1), -float("inf"))
     else:
         return tl.load(row + col, mask=inside, other=-float("inf")).to(tl.float32)
 
