@@ -5,6 +5,10 @@ each config, then per call and replayed from a CUDA graph.
 ``python benchmarks/gpu_probe.py switch OUT.json``: the switch step at V = 128256 per batch and split count, as three
 launches and as one (``SWITCHKD_FUSED_STEP``), checked against each other and replayed from CUDA graphs.
 ``python benchmarks/gpu_probe.py ncu``: one launch of each kernel with a fixed config, for ``ncu``.
+``python benchmarks/gpu_probe.py ncu-one-launch``: the one-launch step at B = 256 tuned, then one launch inside the NVTX
+range ``profile`` (``ncu --nvtx --nvtx-include profile/``).
+``python benchmarks/gpu_probe.py pick SWITCH.json``: prints 1 when the switch probe found the one launch equal to the
+three launches everywhere and faster at B = 1 and B = 256 with the planned splits, else 0 (``SWITCHKD_FUSED_STEP``).
 Every timing is printed and written to OUT.json with the registers and spills of every kernel compiled."""
 
 import json
@@ -122,10 +126,37 @@ def one_launch_each():
         torch.cuda.synchronize()
 
 
+def one_launch_profiled():
+    s, t = logits(256, 128256, 3), logits(256, 128256, 4)
+    pos = torch.randint(0, 200, (256,), device="cuda")
+    for _ in range(3):  # tunes, then runs the chosen config
+        switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl", alpha=0.1, beta=0.5,
+                           need_grad=False, fused=True)
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_push("profile")
+    switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl", alpha=0.1, beta=0.5,
+                       need_grad=False, fused=True)
+    torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+
+
+def pick(path):
+    """1 when the one launch matched three launches in every check and was faster at B = 1 and 256 (planned splits)."""
+    rows = json.load(open(path))["rows"]
+    checks = [r for r in rows if r["name"].startswith("check ")]
+    timed = {(r["batch"], r["fused"]): r["us"] for r in rows if "fused" in r and r["splits"] is None}
+    wins = all((b, True) in timed and timed[b, True] < timed.get((b, False), 0) for b in (1, 256))
+    return int(bool(checks) and all(r["same_tokens"] for r in checks) and wins)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
-    if mode == "ncu":
+    if mode == "pick":
+        print(pick(sys.argv[2]))
+    elif mode == "ncu":
         one_launch_each()
+    elif mode == "ncu-one-launch":
+        one_launch_profiled()
     else:
         try:
             kd() if mode == "kd" else switch()
