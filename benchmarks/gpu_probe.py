@@ -5,8 +5,10 @@ each config, then per call and replayed from a CUDA graph.
 ``python benchmarks/gpu_probe.py switch OUT.json``: the switch step at V = 128256 per batch and split count, as three
 launches and as one (``SWITCHKD_FUSED_STEP``), checked against each other and replayed from CUDA graphs.
 ``python benchmarks/gpu_probe.py ncu``: one launch of each kernel with a fixed config, for ``ncu``.
-``python benchmarks/gpu_probe.py ncu-one-launch``: the one-launch step at B = 256 tuned, then one launch inside the NVTX
-range ``profile`` (``ncu --nvtx --nvtx-include profile/``).
+``python benchmarks/gpu_probe.py ncu-step 1|0``: the switch step at B = 256 in one launch (1) or three (0), tuned, then
+once inside the NVTX range ``profile`` (``ncu --nvtx --nvtx-include profile/``).
+``python benchmarks/gpu_probe.py boundary OUT.json``: where two split counts or launch modes draw different tokens at
+B = 256, whether the uniform sat on a cumulative-probability boundary (float64 mass between the two tokens).
 ``python benchmarks/gpu_probe.py pick SWITCH.json``: prints 1 when the switch probe found the one launch equal to the
 three launches everywhere and faster at B = 1 and B = 256 with the planned splits, else 0 (``SWITCHKD_FUSED_STEP``).
 Every timing is printed and written to OUT.json with the registers and spills of every kernel compiled."""
@@ -126,18 +128,52 @@ def one_launch_each():
         torch.cuda.synchronize()
 
 
-def one_launch_profiled():
+def step_profiled(fused):
     s, t = logits(256, 128256, 3), logits(256, 128256, 4)
     pos = torch.randint(0, 200, (256,), device="cuda")
-    for _ in range(3):  # tunes, then runs the chosen config
+
+    def step():
         switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl", alpha=0.1, beta=0.5,
-                           need_grad=False, fused=True)
+                           need_grad=False, fused=fused)
+
+    for _ in range(3):  # tunes, then runs the chosen configs
+        step()
     torch.cuda.synchronize()
     torch.cuda.nvtx.range_push("profile")
-    switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl", alpha=0.1, beta=0.5,
-                       need_grad=False, fused=True)
+    step()
     torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
+
+
+def boundary():
+    """Tokens of three launches (planned splits) against three at 16 splits and one launch at the planned and 16
+    splits, V = 128256, B = 256. For each token that differs: the float64 probability mass strictly between the two
+    tokens and each token's probability; a mass near 0 means the uniform sat on a boundary, within float32 rounding."""
+    s, t = logits(256, 128256, 3), logits(256, 128256, 4)
+    pos = torch.randint(0, 200, (256,), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
+
+    def step(fused, splits):
+        return switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl", alpha=0.1,
+                                  beta=0.5, need_grad=False, splits=splits, fused=fused)[0]
+
+    base = step(False, None)
+    cdf = {name: torch.softmax(x.double(), -1).cumsum(-1) for name, x in (("student", s), ("teacher", t))}
+    for fused, splits in ((False, 16), (True, None), (True, 16), (False, 4)):
+        other = step(fused, splits)
+        label = f"{'one launch' if fused else 'three launches'} splits {splits or 'plan'}"
+        rows = (other.from_teacher != base.from_teacher).nonzero().flatten().tolist()
+        print(f"{label}: {len(rows)} decisions differ", flush=True)
+        for model in ("student", "teacher"):
+            a, b = getattr(base, f"{model}_tokens"), getattr(other, f"{model}_tokens")
+            for row in (a != b).nonzero().flatten().tolist():
+                lo, hi = sorted((a[row].item(), b[row].item()))
+                c = cdf[model][row]
+                between = (c[hi - 1] - c[lo]).item()
+                p_lo, p_hi = (c[lo] - (c[lo - 1] if lo else 0)).item(), (c[hi] - c[hi - 1]).item()
+                print(f"  {model} row {row}: tokens {a[row].item()} / {b[row].item()}, mass between {between:.3e}, "
+                      f"p {p_lo:.3e} / {p_hi:.3e}, cdf at the lower {c[lo].item():.9f}", flush=True)
+                ROWS.append({"name": f"boundary {label}", "model": model, "row": row, "tokens": [lo, hi],
+                             "mass_between": between, "p": [p_lo, p_hi]})
 
 
 def pick(path):
@@ -155,8 +191,14 @@ if __name__ == "__main__":
         print(pick(sys.argv[2]))
     elif mode == "ncu":
         one_launch_each()
-    elif mode == "ncu-one-launch":
-        one_launch_profiled()
+    elif mode == "ncu-step":
+        step_profiled(sys.argv[2] == "1")
+    elif mode == "boundary":
+        try:
+            boundary()
+        finally:
+            with open(sys.argv[2], "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "rows": ROWS}, f, indent=1)
     else:
         try:
             kd() if mode == "kd" else switch()

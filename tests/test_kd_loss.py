@@ -13,7 +13,7 @@ from switchkd.ops.kd_loss import kd_loss_triton
 from switchkd.ops.spec import kernel_rows
 from switchkd.ops.stored_grad import attach_grad
 
-from conftest import DEVICE, assert_error_ratio, random_logits
+from conftest import DEVICE, assert_error_ratio, assert_same_values, random_logits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Absolute slack on top of the error-ratio bound: loss values (nats), gradients.
@@ -189,8 +189,9 @@ def test_kernel_rows_packs_only_aligned_bf16_pairs():
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("kind, params", [KINDS[0], KINDS[3], KINDS[5]], ids=str)
 def test_packed_rows_match_bf16_rows(kind, params, splits):
-    """Rows read as int32 words give the loss and gradient of the same rows read as bf16, bit for bit (a partial
-    tile and ignored rows included), and so does the gradient written over packed student logits."""
+    """Rows read as int32 words give the loss and gradient of the same rows read as bf16, bit for bit in the
+    interpreter and within rounding on CUDA (a partial tile and ignored rows included), and so does the gradient
+    written over packed student logits."""
     s, t = random_logits(5, 1280, torch.bfloat16), random_logits(5, 1280, torch.bfloat16)
     assert kernel_rows(s)[0].dtype == torch.int32
     labels = torch.tensor([3, -100, 0, 7, -100], device=DEVICE)
@@ -198,10 +199,12 @@ def test_packed_rows_match_bf16_rows(kind, params, splits):
             "ignore_index": -100, "need_grad": True, "splits": splits}
     rows, grad = kd_loss_triton(s, t, labels, **args)
     rows_bf16, grad_bf16 = kd_loss_triton(strided_copy(s), strided_copy(t), labels, **args)
-    assert torch.equal(rows, rows_bf16) and torch.equal(grad, grad_bf16)
+    assert_same_values(rows, rows_bf16, "loss")
+    assert_same_values(grad, grad_bf16, "gradient")
     buffer = s.clone()
     rows_in_place, grad_in_place = kd_loss_triton(buffer, t, labels, grad_out=buffer, **args)
-    assert torch.equal(rows_in_place, rows) and torch.equal(grad_in_place, grad)
+    assert_same_values(rows_in_place, rows, "loss in place")
+    assert_same_values(grad_in_place, grad, "gradient in place")
 
 
 def test_in_place_guard_restores_the_logits_after_each_timing_run():
