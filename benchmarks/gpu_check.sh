@@ -141,7 +141,7 @@ export PYTHON TESTS
 # tests_line LOG: pytest's final line, and the PASSED/FAILED/ERROR counts of its -v lines (also after a timeout).
 tests_line() {
     local last counts
-    last=$(grep -E "^=+ .* in [0-9.]+s =+$" "$1" | tail -n 1 | tr -d '=' | xargs)
+    last=$(grep -E "^=+ .* in [0-9.]+s( \([0-9:]+\))? =+$" "$1" | tail -n 1 | tr -d '=' | xargs)
     counts=$(for k in PASSED FAILED ERROR SKIPPED; do echo -n "$k $(grep -cE "::.* $k( |$)|\] $k " "$1") "; done)
     echo "${last:-no pytest summary line} (-v lines: ${counts% })"
 }

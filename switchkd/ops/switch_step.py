@@ -60,8 +60,8 @@ def _workspace(batch: int, n_splits: int, device, greedy: bool) -> dict:
 
 def fused_step_enabled() -> bool:
     """Whether the switch step runs as one launch (``_switch_step_fused_kernel``) instead of three:
-    ``SWITCHKD_FUSED_STEP=1``. Off by default until a GPU has timed it against the three launches
-    (benchmarks/RESULTS.md)."""
+    ``SWITCHKD_FUSED_STEP=1``. Off by default: on an H200 it was slower than three launches at every batch size
+    (10.2 / 25.5 / 101.5 against 9.3 / 16.8 / 91.6 µs at B = 1 / 32 / 256, V = 128256; benchmarks/RESULTS.md)."""
     return os.environ.get("SWITCHKD_FUSED_STEP", "0") == "1"
 
 
@@ -163,8 +163,9 @@ def fused_switch_step(student_logits, teacher_logits, positions, *, policy=DEFAU
         policy: :class:`SwitchPolicy`.
         temperature: sampling and divergence temperature; 0 = greedy (divergences then at T = 1).
         seed, row_keys: each row's uniform is a pure function of (seed, row_keys[b], positions[b], model),
-            so the same logits and seed give the same tokens in every decoding mode and on every backend (up
-            to float32 rounding at a cumulative-probability boundary).
+            so the same logits and seed give the same tokens in every decoding mode and on every backend, up
+            to float32 rounding where the uniform falls on a cumulative-probability boundary (there the batch
+            size and launch mode, which set how a row is cut, can pick the neighbouring token; README).
             ``row_keys`` ``[B]`` ints, default ``arange(B)``.
         loss, alpha, beta: the loss kind (``fkl rkl jsd skl srkl tvd``) and its parameters.
         backend: ``auto`` | ``triton`` | ``reference``.
