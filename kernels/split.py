@@ -19,6 +19,7 @@ import os
 import triton
 import triton.language as tl
 
+from switchkd.ops.spec import ceil_div, next_pow2
 from switchkd.ops.spec import triton_interpreted as interpreted
 
 from .divergence import (
@@ -103,7 +104,7 @@ def prune_tiles(configs, nargs, **kwargs):
     args = {**nargs, **kwargs}
     if not _aligned(args):
         configs = [c for c in configs if not needs_alignment(c)] or configs
-    width = max(1024, triton.next_power_of_2(args.get("chunk", 1)))
+    width = max(1024, next_pow2(args.get("chunk", 1)))
     kept = [c for c in configs if c.kwargs["BLOCK"] <= width]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK"])]
 
@@ -180,13 +181,13 @@ def split_plan(rows: int, vocab: int, device, splits: int | None = None, program
     if splits is None:
         target = multiprocessors(device)
         min_chunk = 1024 if _is_cuda(device) else 256
-        splits = min(triton.next_power_of_2(triton.cdiv(2 * target, max(rows, 1))), vocab // min_chunk)
-        many = triton.next_power_of_2(triton.cdiv(programs_per_sm * target, max(rows, 1)))
-        longest = triton.next_power_of_2(vocab // (4 * min_chunk) + 1) // 2  # a power of 2: whole tiles per chunk
+        splits = min(next_pow2(ceil_div(2 * target, max(rows, 1))), vocab // min_chunk)
+        many = next_pow2(ceil_div(programs_per_sm * target, max(rows, 1)))
+        longest = next_pow2(vocab // (4 * min_chunk) + 1) // 2  # a power of 2: whole tiles per chunk
         splits = max(splits, min(many, longest))
     splits = max(1, min(splits, max_splits, MAX_SPLITS))
-    chunk = triton.cdiv(triton.cdiv(vocab, splits), COL_ALIGN) * COL_ALIGN
-    return triton.cdiv(vocab, chunk), chunk
+    chunk = ceil_div(ceil_div(vocab, splits), COL_ALIGN) * COL_ALIGN
+    return ceil_div(vocab, chunk), chunk
 
 
 @triton.jit

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from . import reference
 from .spec import (
@@ -16,6 +15,7 @@ from .spec import (
     check_reduction,
     check_temperature,
     kernel_rows,
+    next_pow2,
     resolve_backend,
     rows_2d,
 )
@@ -65,7 +65,7 @@ def kd_loss_triton(student_logits, teacher_logits, labels, *, kind, alpha, beta,
     _stats_kernel[grid](s_ptr=s_rows, t_ptr=t_rows, stats_ptr=stats, cand_ptr=stats,
                         cand_col_ptr=stats, s_stride=args["s_stride"], t_stride=args["t_stride"], V=vocab, chunk=chunk,
                         scale2=args["scale2"], SAMPLE=NO_SAMPLE, SAMPLE_S=NO_SAMPLE)
-    split_args = {**args, "stats_ptr": stats, "sums_ptr": sums, "SPLITS": triton.next_power_of_2(n_splits)}
+    split_args = {**args, "stats_ptr": stats, "sums_ptr": sums, "SPLITS": next_pow2(n_splits)}
     _kd_loss_split_kernel[grid](HAS_GRAD=need_grad, **split_args)
     if need_grad and kind != "fkl":
         _grad_kernel[grid](**split_args)

@@ -21,6 +21,16 @@ LOSS_CODES = {kind: code for code, kind in enumerate(LOSS_KINDS)}  # the kernels
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def ceil_div(a: int, b: int) -> int:
+    """``triton.cdiv`` for the host: plain Python (triton's is a jit function, about 3 µs a call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for the host (1 for n <= 1), plain Python like :func:`ceil_div`."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def canonical_kind(kind: str, beta: float) -> str:
     """``jsd`` at the ends of its range is ``fkl`` (beta = 0) or ``rkl`` (beta = 1)."""
     if kind == "jsd" and beta == 0.0:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-import triton
 
-from .spec import resolve_backend
+from .spec import ceil_div, resolve_backend
 
 SCALED_COPY_BLOCK = 4096
 
@@ -45,7 +44,7 @@ def launch_scaled_copy(grad: torch.Tensor, factor: torch.Tensor, out: torch.Tens
     """Launch ``_scaled_copy_kernel``: ``out = grad * factor`` over contiguous tensors, ``factor`` a float32 scalar."""
     from ..kernels.kd_loss import _scaled_copy_kernel
 
-    _scaled_copy_kernel[(triton.cdiv(out.numel(), SCALED_COPY_BLOCK),)](
+    _scaled_copy_kernel[(ceil_div(out.numel(), SCALED_COPY_BLOCK),)](
         src_ptr=grad, dst_ptr=out, factor_ptr=factor, n=out.numel(), BLOCK=SCALED_COPY_BLOCK, num_warps=8)
 
 

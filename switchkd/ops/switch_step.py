@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 from . import reference
 from .spec import (
@@ -22,6 +21,7 @@ from .spec import (
     check_positions,
     check_temperature,
     kernel_rows,
+    next_pow2,
     resolve_backend,
     rows_2d,
     triton_interpreted,
@@ -129,7 +129,7 @@ def switch_step_triton(student_logits, teacher_logits, positions, row_keys, *, p
               "scale2": _scale2(temperature)}
     grads = {"grad_ptr": grad if need_grad else sums, "grad_stride": grad.stride(0) if need_grad else 0,
              "inv_temp": inv_temp, "alpha": float(alpha), "beta": float(beta), "KIND": LOSS_CODES[kind],
-             "SPLITS": triton.next_power_of_2(n_splits), **work}
+             "SPLITS": next_pow2(n_splits), **work}
     argmax = GREEDY if greedy else NO_SAMPLE  # sampled tokens are drawn in phase 2
     sampling = {"SAMPLE": argmax, "SAMPLE_S": argmax if student_tokens is None else NO_SAMPLE}
     step_args = {**logits, **grads, **rows, "sums_ptr": sums, "s_tokens_ptr": s_tokens, "t_tokens_ptr": t_tokens,
@@ -269,7 +269,7 @@ def sample_triton(logits, positions, row_keys, *, temperature, seed, model):
     from ..kernels.sampling import _sample_kernel
 
     batch, vocab = logits.shape
-    block = min(4096, triton.next_power_of_2(max(vocab, 16)))
+    block = min(4096, next_pow2(max(vocab, 16)))
     tokens = logits.new_empty(batch, dtype=torch.int64)
     if batch > 0:
         rows, stride = kernel_rows(logits)
