@@ -21,6 +21,7 @@ import triton
 import triton.testing
 
 import switchkd
+from switchkd.kernels import split
 from switchkd.kernels.kd_loss import _kd_loss_kernel
 from switchkd.kernels.split import _stats_kernel
 from switchkd.kernels.switch_step import _switch_step_fused_kernel, _switch_step_kernel
@@ -99,9 +100,27 @@ def switch():
                 name = f"switch_step {b}x128256 splits {splits or 'plan'} {label}"
                 bench(name, lambda fused=fused: step(fused), graph=True, batch=b, splits=splits, fused=fused)
                 tuning(_switch_step_fused_kernel if fused else _switch_step_kernel, name)
+    whole_trips()
     compiled(_switch_step_kernel, "switch phase 2")
     compiled(_stats_kernel, "switch phase 1")
     compiled(_switch_step_fused_kernel, "switch one launch")
+
+
+def whole_trips(align=2048):
+    """The planned splits with chunk boundaries on multiples of ``align`` columns (``split.COL_ALIGN``, 128 in the
+    library), so that only a row's last chunk ends in a partial trip: graph-timed in both launch modes."""
+    saved, split.COL_ALIGN = split.COL_ALIGN, align
+    try:
+        for b in (32, 256):
+            s, t = logits(b, 128256, 3), logits(b, 128256, 4)
+            pos = torch.randint(0, 200, (b,), device="cuda")
+            for fused, label in ((False, "three launches"), (True, "one launch")):
+                name = f"switch_step {b}x128256 chunks of {align} {label}"
+                bench(name, lambda fused=fused, s=s, t=t, pos=pos: switch_step_triton(
+                    s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl", alpha=0.1, beta=0.5,
+                    need_grad=False, fused=fused), graph=True, batch=b, splits=f"align {align}", fused=fused)
+    finally:
+        split.COL_ALIGN = saved
 
 
 def fix(kernel, **kw):
