@@ -149,6 +149,19 @@ def test_one_launch_matches_three(temperature, policy, kind, given, splits):
     torch.testing.assert_close(grad1, grad3)
 
 
+def test_host_integer_helpers_match_triton():
+    """The launchers' plain-Python ``ceil_div`` / ``next_pow2`` give triton's ``cdiv`` / ``next_power_of_2``."""
+    import triton
+
+    from switchkd.ops.spec import ceil_div, next_pow2
+
+    for n in [1, 2, 3, 7, 8, 9, 1023, 1024, 1025, 50257, 128256, 151936, 2**31 - 1]:
+        assert next_pow2(n) == triton.next_power_of_2(n)
+        for d in (1, 3, 128, 1024, 4096):
+            assert ceil_div(n, d) == triton.cdiv(n, d)
+    assert ceil_div(0, 128) == 0
+
+
 def test_one_launch_splits_fit_the_gpu_at_once(monkeypatch):
     """A row's programs in the one launch wait for one another, so its plan never cuts a row into more programs than
     the GPU holds at once (one per multiprocessor), even when asked to; three launches may."""
