@@ -9,12 +9,11 @@ launches and as one (``SWITCHKD_FUSED_STEP``), checked against each other and re
 once inside the NVTX range ``profile`` (``ncu --nvtx --nvtx-include profile/``).
 ``python benchmarks/gpu_probe.py boundary OUT.json``: where two split counts or launch modes draw different tokens at
 B = 256, whether the uniform sat on a cumulative-probability boundary (float64 mass between the two tokens).
-``python benchmarks/gpu_probe.py pick SWITCH.json``: prints 1 when the switch probe found the one launch equal to the
-three launches everywhere and faster at B = 1 and B = 256 with the planned splits, else 0 (``SWITCHKD_FUSED_STEP``).
 Every timing is printed and written to OUT.json with the registers and spills of every kernel compiled."""
 
 import json
 import sys
+from functools import partial
 
 import torch
 import triton
@@ -34,6 +33,18 @@ ROWS = []
 def logits(n, v, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     return (torch.randn(n, v, device="cuda", generator=g) * 2).to(torch.bfloat16)
+
+
+def decoding_pair(b, generator=None):
+    """The probe's switch-step inputs at V = 128256: student and teacher logits and positions for ``b`` rows."""
+    pos = torch.randint(0, 200, (b,), device="cuda", generator=generator)
+    return logits(b, 128256, 3), logits(b, 128256, 4), pos
+
+
+def decode_step(s, t, pos, fused, splits=None):
+    """The decoding step the probe times (fkl, no gradient): its :class:`SwitchStep`."""
+    return switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl", alpha=0.1,
+                              beta=0.5, need_grad=False, splits=splits, fused=fused)[0]
 
 
 def bench(name, fn, graph=False, **extra):
@@ -84,13 +95,9 @@ def switch():
     this GPU that the one launch gives the three launches' tokens and decisions (its programs really run together
     here, which the interpreter cannot show), then times both from CUDA graphs."""
     for b, splits_list in ((1, (None,)), (32, (None, 16, 32)), (256, (None, 4, 8, 16))):
-        s, t = logits(b, 128256, 3), logits(b, 128256, 4)
-        pos = torch.randint(0, 200, (b,), device="cuda")
+        s, t, pos = decoding_pair(b)
         for splits in splits_list:
-            def step(fused, s=s, t=t, pos=pos, splits=splits):
-                return switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl",
-                                          alpha=0.1, beta=0.5, need_grad=False, splits=splits, fused=fused)[0]
-            three, one = step(False), step(True)
+            three, one = decode_step(s, t, pos, False, splits), decode_step(s, t, pos, True, splits)
             same = all(torch.equal(getattr(one, k), getattr(three, k)) for k in ("tokens", "from_teacher"))
             gap = (one.divergence - three.divergence).abs().max().item()
             print(f"switch_step {b}x128256 splits {splits or 'plan'}: one launch = three: {same}, divergence gap "
@@ -98,7 +105,8 @@ def switch():
             ROWS.append({"name": f"check {b} {splits}", "same_tokens": same, "divergence_gap": gap})
             for fused, label in ((False, "three launches"), (True, "one launch")):
                 name = f"switch_step {b}x128256 splits {splits or 'plan'} {label}"
-                bench(name, lambda fused=fused: step(fused), graph=True, batch=b, splits=splits, fused=fused)
+                bench(name, partial(decode_step, s, t, pos, fused, splits), graph=True, batch=b, splits=splits,
+                      fused=fused)
                 tuning(_switch_step_fused_kernel if fused else _switch_step_kernel, name)
     whole_trips()
     compiled(_switch_step_kernel, "switch phase 2")
@@ -112,13 +120,11 @@ def whole_trips(align=2048):
     saved, split.COL_ALIGN = split.COL_ALIGN, align
     try:
         for b in (32, 256):
-            s, t = logits(b, 128256, 3), logits(b, 128256, 4)
-            pos = torch.randint(0, 200, (b,), device="cuda")
+            s, t, pos = decoding_pair(b)
             for fused, label in ((False, "three launches"), (True, "one launch")):
                 name = f"switch_step {b}x128256 chunks of {align} {label}"
-                bench(name, lambda fused=fused, s=s, t=t, pos=pos: switch_step_triton(
-                    s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl", alpha=0.1, beta=0.5,
-                    need_grad=False, fused=fused), graph=True, batch=b, splits=f"align {align}", fused=fused)
+                bench(name, partial(decode_step, s, t, pos, fused), graph=True, batch=b, splits=f"align {align}",
+                      fused=fused)
     finally:
         split.COL_ALIGN = saved
 
@@ -141,25 +147,18 @@ def one_launch_each():
     fix(_stats_kernel, BLOCK=2048, num_warps=16, maxnreg=128)
     fix(_switch_step_kernel, BLOCK=1024, num_warps=4, maxnreg=255)
     for b in (256, 1):
-        s, t = logits(b, 128256, 3), logits(b, 128256, 4)
-        pos = torch.randint(0, 200, (b,), device="cuda")
+        s, t, pos = decoding_pair(b)
         switchkd.fused_switch_step(s, t, pos, policy=POLICY, check_finite=False)
         torch.cuda.synchronize()
 
 
 def step_profiled(fused):
-    s, t = logits(256, 128256, 3), logits(256, 128256, 4)
-    pos = torch.randint(0, 200, (256,), device="cuda")
-
-    def step():
-        switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl", alpha=0.1, beta=0.5,
-                           need_grad=False, fused=fused)
-
+    s, t, pos = decoding_pair(256)
     for _ in range(3):  # tunes, then runs the chosen configs
-        step()
+        decode_step(s, t, pos, fused)
     torch.cuda.synchronize()
     torch.cuda.nvtx.range_push("profile")
-    step()
+    decode_step(s, t, pos, fused)
     torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
 
@@ -168,17 +167,11 @@ def boundary():
     """Tokens of three launches (planned splits) against three at 16 splits and one launch at the planned and 16
     splits, V = 128256, B = 256. For each token that differs: the float64 probability mass strictly between the two
     tokens and each token's probability; a mass near 0 means the uniform sat on a boundary, within float32 rounding."""
-    s, t = logits(256, 128256, 3), logits(256, 128256, 4)
-    pos = torch.randint(0, 200, (256,), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
-
-    def step(fused, splits):
-        return switch_step_triton(s, t, pos, None, policy=POLICY, temperature=1.0, seed=0, kind="fkl", alpha=0.1,
-                                  beta=0.5, need_grad=False, splits=splits, fused=fused)[0]
-
-    base = step(False, None)
+    s, t, pos = decoding_pair(256, torch.Generator(device="cuda").manual_seed(5))
+    base = decode_step(s, t, pos, False)
     cdf = {name: torch.softmax(x.double(), -1).cumsum(-1) for name, x in (("student", s), ("teacher", t))}
     for fused, splits in ((False, 16), (True, None), (True, 16), (False, 4)):
-        other = step(fused, splits)
+        other = decode_step(s, t, pos, fused, splits)
         label = f"{'one launch' if fused else 'three launches'} splits {splits or 'plan'}"
         rows = (other.from_teacher != base.from_teacher).nonzero().flatten().tolist()
         print(f"{label}: {len(rows)} decisions differ", flush=True)
@@ -195,32 +188,15 @@ def boundary():
                              "mass_between": between, "p": [p_lo, p_hi]})
 
 
-def pick(path):
-    """1 when the one launch matched three launches in every check and was faster at B = 1 and 256 (planned splits)."""
-    rows = json.load(open(path))["rows"]
-    checks = [r for r in rows if r["name"].startswith("check ")]
-    timed = {(r["batch"], r["fused"]): r["us"] for r in rows if "fused" in r and r["splits"] is None}
-    wins = all((b, True) in timed and timed[b, True] < timed.get((b, False), 0) for b in (1, 256))
-    return int(bool(checks) and all(r["same_tokens"] for r in checks) and wins)
-
-
 if __name__ == "__main__":
     mode = sys.argv[1]
-    if mode == "pick":
-        print(pick(sys.argv[2]))
-    elif mode == "ncu":
+    if mode == "ncu":
         one_launch_each()
     elif mode == "ncu-step":
         step_profiled(sys.argv[2] == "1")
-    elif mode == "boundary":
-        try:
-            boundary()
-        finally:
-            with open(sys.argv[2], "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "rows": ROWS}, f, indent=1)
     else:
         try:
-            kd() if mode == "kd" else switch()
+            {"kd": kd, "switch": switch, "boundary": boundary}[mode]()
         finally:
             with open(sys.argv[2], "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": ROWS}, f, indent=1)
