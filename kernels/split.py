@@ -27,9 +27,11 @@ from .divergence import (
     LANE_GROUP,
     NEG_BIG,
     READ_AGAIN,
+    _ahead,
     _grad_sweep,
     _nan_unless,
     _partial_tile,
+    _tile_at,
     _whole_tile,
     _zero_sweep,
 )
@@ -233,11 +235,55 @@ def _best_update(x, cols, best, col):
 
 
 @triton.jit
-def _stats_end(m, z, best, col, hi):
-    """``(m, z, best logit, its column)`` of the row from running statistics."""
-    m_all = tl.max(m, 0)
-    top = tl.max(best, 0)
-    return m_all, tl.sum(z * tl.exp2(m - m_all), 0), top, tl.min(tl.where(best == top, col, hi), 0)
+def _softmax_merge(m1, z1, m2, z2):
+    """Softmax statistics ``(max, sum 2^(x - max))`` of two disjoint sets of columns, as one."""
+    m = tl.maximum(m1, m2)
+    return m, z1 * tl.exp2(m1 - m) + z2 * tl.exp2(m2 - m)
+
+
+@triton.jit
+def _best_merge(b1, c1, b2, c2):
+    """The better of two (logit, column) candidates; ties go to the lower column."""
+    take = (b2 > b1) | ((b2 == b1) & (c2 < c1))
+    return tl.where(take, b2, b1), tl.where(take, c2, c1)
+
+
+@triton.jit
+def _stats_merge(m1, z1, b1, c1, m2, z2, b2, c2):
+    """:func:`_softmax_merge` and :func:`_best_merge` at once."""
+    m, z = _softmax_merge(m1, z1, m2, z2)
+    b, c = _best_merge(b1, c1, b2, c2)
+    return m, z, b, c
+
+
+@triton.jit
+def _group_best(best, col, BLOCK: tl.constexpr):
+    """Per-column candidates folded to one per LANE_GROUP (within each thread: no cross-thread traffic)."""
+    return tl.reduce((tl.reshape(best, [BLOCK // LANE_GROUP, LANE_GROUP]),
+                      tl.reshape(col, [BLOCK // LANE_GROUP, LANE_GROUP])), 1, _best_merge)
+
+
+@triton.jit
+def _stats_end(m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, GREEDY: tl.constexpr, BLOCK: tl.constexpr):
+    """Both rows' ``(m, z, best logit, its column)`` from running statistics, side by side in one block reduction
+    (one exchange through shared memory for all of them); the best only with GREEDY (placeholders otherwise)."""
+    m = tl.join(m_s, m_t)
+    z = tl.join(z_s, z_t)
+    if GREEDY:
+        b_s, c_s = _group_best(best_s, col_s, BLOCK)
+        b_t, c_t = _group_best(best_t, col_t, BLOCK)
+        m, z, b, c = tl.reduce((m, z, tl.join(b_s, b_t), tl.join(c_s, c_t)), 0, _stats_merge)
+        b_s, b_t = tl.split(b)
+        c_s, c_t = tl.split(c)
+    else:
+        m, z = tl.reduce((m, z), 0, _softmax_merge)
+        b_s = 0.0
+        b_t = 0.0
+        c_s = 0
+        c_t = 0
+    m_s, m_t = tl.split(m)
+    z_s, z_t = tl.split(z)
+    return m_s, z_s, b_s, c_s, m_t, z_t, b_t, c_t
 
 
 @triton.jit
@@ -246,6 +292,16 @@ def _whole_tiles(s_row, t_row, start, whole, PAIR: tl.constexpr, BLOCK: tl.const
     whole tiles load with one uniform predicate and no ``-inf`` fill. :func:`_row_stats` loads a trip ahead."""
     s = _whole_tile(s_row, start, start, whole, READ_AGAIN, BLOCK)  # the next sweep reads them again
     t = _whole_tile(t_row, start, start, whole, READ_AGAIN, BLOCK) if PAIR else s
+    return s, t
+
+
+@triton.jit
+def _tiles_ahead(s_row, t_row, start, lo, whole, PAIR: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`_whole_tiles` for a look-ahead inside the loop: unmasked, at ``start`` clamped to the whole tiles
+    (``divergence._tile_at``)."""
+    at = _ahead(start, lo, whole, BLOCK)
+    s = _tile_at(s_row, at, READ_AGAIN, BLOCK)
+    t = _tile_at(t_row, at, READ_AGAIN, BLOCK) if PAIR else s
     return s, t
 
 
@@ -296,8 +352,8 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
         pairs_end = lo + (whole - lo) // (2 * BLOCK) * (2 * BLOCK)
         for start in range(lo, pairs_end, 2 * BLOCK):
             s, t, s2, t2 = s_next, t_next, s_second, t_second
-            s_next, t_next = _whole_tiles(s_row, t_row, start + 2 * BLOCK, whole, PAIR, BLOCK)
-            s_second, t_second = _whole_tiles(s_row, t_row, start + 3 * BLOCK, whole, PAIR, BLOCK)
+            s_next, t_next = _tiles_ahead(s_row, t_row, start + 2 * BLOCK, lo, whole, PAIR, BLOCK)
+            s_second, t_second = _tiles_ahead(s_row, t_row, start + 3 * BLOCK, lo, whole, PAIR, BLOCK)
             m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_two_trips(
                 s, t, s2, t2, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
                 SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
@@ -308,7 +364,7 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
     else:
         for start in range(lo, whole, BLOCK):
             s, t = s_next, t_next
-            s_next, t_next = _whole_tiles(s_row, t_row, start + BLOCK, whole, PAIR, BLOCK)
+            s_next, t_next = _tiles_ahead(s_row, t_row, start + BLOCK, lo, whole, PAIR, BLOCK)
             m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
                 s, t, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
                 SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
@@ -318,9 +374,8 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
         m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
             s, t, whole + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, SAMPLE_S,
             SAMPLE_T, PAIR, BLOCK)
-    m_s, z_s, best_s, col_s = _stats_end(m_s, z_s, best_s, col_s, hi)
-    m_t, z_t, best_t, col_t = _stats_end(m_t, z_t, best_t, col_t, hi)
-    return m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t
+    return _stats_end(m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, (SAMPLE_S == GREEDY) or (SAMPLE_T == GREEDY),
+                      BLOCK)
 
 
 @triton.jit

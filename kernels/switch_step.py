@@ -31,6 +31,7 @@ from .divergence import (
     _loss_trip,
     _nan_unless,
     _pair,
+    _pair_ahead,
     _partial_pair,
     _tile_probs,
     _whole_span,
@@ -149,7 +150,7 @@ def _step_chunk(s_ptr, t_ptr, positions_ptr, row_keys_ptr, stats_ptr, cand_ptr, 
     s_next, t_next = _pair(s_row, t_row, start, lo, end, _evict(KIND), BLOCK)
     for _trip in range(0, n_whole):
         s_raw, t_raw = s_next, t_next
-        s_next, t_next = _pair(s_row, t_row, start + step, lo, end, _evict(KIND), BLOCK)
+        s_next, t_next = _pair_ahead(s_row, t_row, start + step, lo, end, _evict(KIND), BLOCK)
         loss_acc, g_acc, jsd_acc, rank_acc, run_s, found_s, last_s, run_t, found_t, last_t = _step_trip(
             grad_row, start, s_raw, t_raw, hi, scale2, grad_scale, m_s, lz_s, m_t, lz_t, alpha, beta, loss_acc, g_acc,
             jsd_acc, rank_acc, t_at_student, scan_s, u_s, run_s, found_s, last_s, scan_t, u_t, run_t, found_t, last_t,
@@ -165,12 +166,18 @@ def _step_chunk(s_ptr, t_ptr, positions_ptr, row_keys_ptr, stats_ptr, cand_ptr, 
         tl.store(s_tokens_ptr + row, _scan_result(found_s, last_s).to(tl.int64))
     if scan_t:
         tl.store(t_tokens_ptr + row, _scan_result(found_t, last_t).to(tl.int64))
+    # the four sums side by side in one block reduction (one exchange through shared memory)
+    sums = tl.sum(tl.join(tl.join(_fold(loss_acc, BLOCK), _fold(jsd_acc, BLOCK)),
+                          tl.join(g_acc, rank_acc.to(tl.float32))), 0)
+    loss_jsd, g_rank = tl.split(sums)
+    loss_bits, jsd_bits = tl.split(loss_jsd)
+    g_sum, rank = tl.split(g_rank)
     out = sums_ptr + (row * n_splits + split) * SUMS
     # NaN/+inf logits make a softmax sum NaN, an all -inf row makes it 0: such rows report NaN.
-    tl.store(out, _nan_unless(valid, tl.sum(loss_acc, 0) * LN2))  # nats; the sweeps sum bits
-    tl.store(out + 1, tl.sum(g_acc, 0))
-    tl.store(out + 2, _nan_unless(valid, tl.sum(jsd_acc, 0) * (0.5 * LN2)))  # less JSD_CONSTANT: the finish adds it
-    tl.store(out + 3, tl.sum(rank_acc, 0).to(tl.float32))
+    tl.store(out, _nan_unless(valid, loss_bits * LN2))  # nats; the sweeps sum bits
+    tl.store(out + 1, g_sum)
+    tl.store(out + 2, _nan_unless(valid, jsd_bits * (0.5 * LN2)))  # less JSD_CONSTANT: the finish adds it
+    tl.store(out + 3, rank)
 
 
 @autotuned(key=["V", "chunk", "KIND"], gpu_configs=switch_step_configs)
@@ -191,10 +198,13 @@ def _switch_step_kernel(
     TOPK: tl.constexpr, KIND: tl.constexpr, GREEDY: tl.constexpr, HAS_GRAD: tl.constexpr, STUDENT_GIVEN: tl.constexpr,
     POS_SCALAR: tl.constexpr, KEYS_ARANGE: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Phase 2 over a ``(B, S)`` grid (:func:`_step_chunk`)."""
+    """Phase 2 over a ``(B, S)`` grid (:func:`_step_chunk`). Programs start in grid order, rows fastest, so phase 1
+    read the last split of every row last: phase 2 takes the splits in reverse, starting on what is still in L2."""
+    n_splits = tl.num_programs(1)
+    split = n_splits - 1 - tl.program_id(1)
     _step_chunk(s_ptr, t_ptr, positions_ptr, row_keys_ptr, stats_ptr, cand_ptr, cand_col_ptr, sums_ptr, s_tokens_ptr,
-                t_tokens_ptr, grad_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), tl.num_programs(1), s_stride,
-                t_stride, grad_stride, V, chunk, position, seed_key, scale2, inv_temp, alpha, beta, TOPK, KIND, GREEDY,
+                t_tokens_ptr, grad_ptr, tl.program_id(0).to(tl.int64), split, n_splits, s_stride, t_stride,
+                grad_stride, V, chunk, position, seed_key, scale2, inv_temp, alpha, beta, TOPK, KIND, GREEDY,
                 HAS_GRAD, STUDENT_GIVEN, POS_SCALAR, KEYS_ARANGE, SPLITS, BLOCK)
 
 
