@@ -86,17 +86,18 @@ def loops(text: str) -> list[dict]:
 
 def profile() -> dict:
     """case -> {"columns_per_trip", "loops": [...], "per_column": hot instructions per column over the loops that
-    load}."""
+    load, "barriers": block-wide barriers in the whole kernel}."""
     results = {}
     for case, (launch, wanted) in CASES.items():
         name, kernel, kwargs = next(call for call in launch() if call[0] == wanted)
         _, fn, variant = aot_compile.variants(kernel, kwargs)[0]
         columns = variant["BLOCK"] / (32 * variant["num_warps"])  # per thread and trip
-        found = loops(sass(fn, variant))
+        text = sass(fn, variant)
+        found = loops(text)
         # a loop that loads both rows' tiles twice per trip covers two tiles of columns
         per_column = sum(loop["hot"] / max(1, loop["loads"] // 2) for loop in found if loop["loads"]) / columns
         results[case] = {"kernel": name, "columns_per_trip": columns, "loops": found,
-                         "per_column": round(per_column, 1)}
+                         "per_column": round(per_column, 1), "barriers": text.count("BAR.SYNC")}
     return results
 
 
