@@ -7,9 +7,12 @@ launches and as one (``SWITCHKD_FUSED_STEP``), checked against each other and re
 ``python benchmarks/gpu_probe.py ncu``: one launch of each kernel with a fixed config, for ``ncu``.
 ``python benchmarks/gpu_probe.py ncu-step 1|0``: the switch step at B = 256 in one launch (1) or three (0), tuned, then
 once inside the NVTX range ``profile`` (``ncu --nvtx --nvtx-include profile/``).
+``python benchmarks/gpu_probe.py compare NEW.json OLD.json``: two runs' timings side by side.
 ``python benchmarks/gpu_probe.py boundary OUT.json``: where two split counts or launch modes draw different tokens at
 B = 256, whether the uniform sat on a cumulative-probability boundary (float64 mass between the two tokens).
-Every timing is printed and written to OUT.json with the registers and spills of every kernel compiled."""
+Every timing is printed and written to OUT.json with the registers and spills of every kernel compiled, and the
+switchkd the probe imported (``PYTHONPATH=baseline`` puts an older copy first, for a same-machine comparison:
+benchmarks/gpu_plan.md)."""
 
 import json
 import sys
@@ -108,25 +111,47 @@ def switch():
                 bench(name, partial(decode_step, s, t, pos, fused, splits), graph=True, batch=b, splits=splits,
                       fused=fused)
                 tuning(_switch_step_fused_kernel if fused else _switch_step_kernel, name)
-    whole_trips()
+    partial_trips()
+    four_programs()
     compiled(_switch_step_kernel, "switch phase 2")
     compiled(_stats_kernel, "switch phase 1")
     compiled(_switch_step_fused_kernel, "switch one launch")
 
 
-def whole_trips(align=2048):
-    """The planned splits with chunk boundaries on multiples of ``align`` columns (``split.COL_ALIGN``, 128 in the
-    library), so that only a row's last chunk ends in a partial trip: graph-timed in both launch modes."""
-    saved, split.COL_ALIGN = split.COL_ALIGN, align
+def partial_trips():
+    """The plan before whole trips (``split.TRIP_ALIGN`` = 128: chunks of 16128 columns at B = 256, 15.75 tiles, and a
+    partial last trip in every program), graph-timed in both launch modes against the rows above."""
+    saved, split.TRIP_ALIGN = split.TRIP_ALIGN, split.COL_ALIGN
     try:
         for b in (32, 256):
             s, t, pos = decoding_pair(b)
             for fused, label in ((False, "three launches"), (True, "one launch")):
-                name = f"switch_step {b}x128256 chunks of {align} {label}"
-                bench(name, partial(decode_step, s, t, pos, fused), graph=True, batch=b, splits=f"align {align}",
-                      fused=fused)
+                name = f"switch_step {b}x128256 chunks on {split.COL_ALIGN} columns {label}"
+                bench(name, partial(decode_step, s, t, pos, fused), graph=True, batch=b,
+                      splits=f"align {split.COL_ALIGN}", fused=fused)
     finally:
-        split.COL_ALIGN = saved
+        split.TRIP_ALIGN = saved
+
+
+def four_programs():
+    """Phase 2 and the one launch pinned to 1024 columns on 4 warps capped at 128 registers: a fourth program per SM.
+    The probe's rows (packed bf16, fkl, decoding) compile to 123 registers without spilling with triton 3.6; fp32 rows
+    and some kinds spill, so the library does not offer this config (benchmarks/RESULTS.md). Graph-timed in both
+    launch modes at B = 32 and 256 (``compiled`` lists its registers with the others'), then the configs restored."""
+    kernels = (_switch_step_kernel, _switch_step_fused_kernel)
+    saved = [kernel.configs for kernel in kernels]
+    try:
+        for kernel in kernels:
+            fix(kernel, BLOCK=1024, num_warps=4, maxnreg=128)
+        for b in (32, 256):
+            s, t, pos = decoding_pair(b)
+            for fused, label in ((False, "three launches"), (True, "one launch")):
+                name = f"switch_step {b}x128256 4 warps at 128 registers {label}"
+                bench(name, partial(decode_step, s, t, pos, fused), graph=True, batch=b, splits="plan", fused=fused)
+    finally:
+        for kernel, configs in zip(kernels, saved, strict=True):
+            kernel.configs = configs
+            kernel.cache.clear()
 
 
 def fix(kernel, **kw):
@@ -188,15 +213,32 @@ def boundary():
                              "mass_between": between, "p": [p_lo, p_hi]})
 
 
+def compare(new_path, old_path):
+    """Timed rows of two probe runs side by side (the same names), the second as the baseline."""
+    new, old = (json.load(open(path)) for path in (new_path, old_path))
+    before = {(row["name"], row.get("graph")): row["us"] for row in old["rows"] if "us" in row and "tuning" not in
+              row["name"]}
+    print(f"{new['switchkd']} against {old['switchkd']}")
+    for row in new["rows"]:
+        key = (row["name"], row.get("graph"))
+        if key in before and "tuning" not in row["name"]:
+            print(f"{row['name']}: {row['us']:.1f} us, baseline {before[key]:.1f} us, baseline / new "
+                  f"{before[key] / row['us']:.2f}")
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
-    if mode == "ncu":
+    if mode == "compare":
+        compare(sys.argv[2], sys.argv[3])
+    elif mode == "ncu":
         one_launch_each()
     elif mode == "ncu-step":
         step_profiled(sys.argv[2] == "1")
     else:
+        print("switchkd from", switchkd.__file__, flush=True)
         try:
             {"kd": kd, "switch": switch, "boundary": boundary}[mode]()
         finally:
             with open(sys.argv[2], "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "rows": ROWS}, f, indent=1)
+                json.dump({"device": torch.cuda.get_device_name(), "switchkd": switchkd.__file__, "rows": ROWS}, f,
+                          indent=1)

@@ -44,6 +44,7 @@ STATS: tl.constexpr = tl.constexpr(4)  # per split: m_s, z_s, m_t, z_t (base 2)
 SUMS: tl.constexpr = tl.constexpr(4)  # per split: loss, sum(p_S g), jsd, teacher rank of the student token
 MAX_SPLITS = 128
 COL_ALIGN = 128  # chunk boundaries fall on multiples of this many columns
+TRIP_ALIGN = 2048  # or of this many, where that keeps the split count: whole trips of every sweep (split_plan)
 
 
 def gpu_tile_configs():
@@ -171,10 +172,11 @@ def resident_splits(device) -> int:
 def split_plan(rows: int, vocab: int, device, splits: int | None = None, programs_per_sm: int = 2,
                max_splits: int = MAX_SPLITS) -> tuple[int, int]:
     """``(n_splits, chunk)``: enough programs for two per multiprocessor (8 in the interpreter), each chunk at least
-    1024 columns (256 interpreted) and a multiple of 128; with ``programs_per_sm`` above 2, more splits (a power of 2),
-    up to that many programs per multiprocessor, as long as chunks keep 4 times the minimum; never more than
-    ``max_splits``. ``splits`` overrides the count (tests), which the cap and the 128-column alignment may then
-    lower.
+    1024 columns (256 interpreted) and a multiple of 128, or of TRIP_ALIGN where that leaves the count unchanged (at
+    V = 128256 and B = 256: 16384 columns, 16 whole tiles, instead of 16128, 15.75); with ``programs_per_sm`` above 2,
+    more splits (a power of 2), up to that many programs per multiprocessor, as long as chunks keep 4 times the
+    minimum; never more than ``max_splits``. ``splits`` overrides the count (tests), which the cap and the 128-column
+    alignment may then lower.
 
     The switch step asks for 8: on an H200 at V = 128256 bf16, B = 256 took 108.9 / 97.6 / 92.5 / 99.5 µs with 2 / 4
     / 8 / 16 splits, B = 32 18.6 / 18.3 / 26.5 µs with 16 / 32 / 64, and 23.8 µs with 31 (chunks of 4.1 tiles: a
@@ -188,7 +190,11 @@ def split_plan(rows: int, vocab: int, device, splits: int | None = None, program
         longest = next_pow2(vocab // (4 * min_chunk) + 1) // 2  # a power of 2: whole tiles per chunk
         splits = max(splits, min(many, longest))
     splits = max(1, min(splits, max_splits, MAX_SPLITS))
-    chunk = ceil_div(ceil_div(vocab, splits), COL_ALIGN) * COL_ALIGN
+    per_split = ceil_div(vocab, splits)
+    chunk = ceil_div(per_split, COL_ALIGN) * COL_ALIGN
+    whole_trips = ceil_div(per_split, TRIP_ALIGN) * TRIP_ALIGN
+    if ceil_div(vocab, whole_trips) == ceil_div(vocab, chunk):
+        chunk = whole_trips  # as many programs, and only a row's last chunk ends in a partial trip
     return ceil_div(vocab, chunk), chunk
 
 
