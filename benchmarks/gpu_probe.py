@@ -121,7 +121,7 @@ def switch():
 def partial_trips():
     """The plan before whole trips (``split.TRIP_ALIGN`` = 128: chunks of 16128 columns at B = 256, 15.75 tiles, and a
     partial last trip in every program), graph-timed in both launch modes against the rows above."""
-    saved, split.TRIP_ALIGN = split.TRIP_ALIGN, split.COL_ALIGN
+    saved, split.TRIP_ALIGN = getattr(split, "TRIP_ALIGN", split.COL_ALIGN), split.COL_ALIGN  # a baseline may lack it
     try:
         for b in (32, 256):
             s, t, pos = decoding_pair(b)
