@@ -135,7 +135,7 @@ def partial_trips():
 
 def four_programs():
     """Phase 2 and the one launch pinned to 1024 columns on 4 warps capped at 128 registers: a fourth program per SM.
-    The probe's rows (packed bf16, fkl, decoding) compile to 123 registers without spilling with triton 3.6; fp32 rows
+    The probe's rows (packed bf16, fkl, decoding) compile to 127 registers without spilling with triton 3.6; fp32 rows
     and some kinds spill, so the library does not offer this config (benchmarks/RESULTS.md). Graph-timed in both
     launch modes at B = 32 and 256 (``compiled`` lists its registers with the others'), then the configs restored."""
     kernels = (_switch_step_kernel, _switch_step_fused_kernel)

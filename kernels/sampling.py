@@ -36,19 +36,14 @@ def _row_uniform(seed_key, row_key, position, model):
 
 
 @triton.jit
-def _sum_and_max(a1, b1, a2, b2):
-    return a1 + a2, tl.maximum(b1, b2)
-
-
-@triton.jit
 def _cdf_tile(p, start, running, u, token, last, BLOCK: tl.constexpr):
     """One tile of an inverse-CDF scan, at column ``start``. ``running`` is the probability before the tile; returns
     it after the tile, the token (the first column with ``p > 0`` where the running sum passes ``u``, or ``token``
     when no column of the tile does) and the last column with ``p > 0`` so far (the token when rounding leaves the
     whole scan at or below ``u``)."""
     cols = start + tl.arange(0, BLOCK)
-    tile, tile_last = tl.reduce((p, tl.where(p > 0, cols, NO_TOKEN)), 0, _sum_and_max)  # one block reduction
-    last = tl.maximum(last, tile_last)
+    tile = tl.sum(p, 0)
+    last = tl.maximum(last, tl.max(tl.where(p > 0, cols, NO_TOKEN), 0))
     if running + tile > u:
         passed = (tl.cumsum(p, 0) + running > u) & (p > 0)
         hit = tl.min(tl.where(passed, cols, 2147483647), 0)

@@ -241,53 +241,28 @@ def _best_update(x, cols, best, col):
 
 
 @triton.jit
-def _softmax_merge(m1, z1, m2, z2):
-    """Softmax statistics ``(max, sum 2^(x - max))`` of two disjoint sets of columns, as one."""
-    m = tl.maximum(m1, m2)
-    return m, z1 * tl.exp2(m1 - m) + z2 * tl.exp2(m2 - m)
-
-
-@triton.jit
-def _best_merge(b1, c1, b2, c2):
-    """The better of two (logit, column) candidates; ties go to the lower column."""
-    take = (b2 > b1) | ((b2 == b1) & (c2 < c1))
-    return tl.where(take, b2, b1), tl.where(take, c2, c1)
-
-
-@triton.jit
-def _stats_merge(m1, z1, b1, c1, m2, z2, b2, c2):
-    """:func:`_softmax_merge` and :func:`_best_merge` at once."""
-    m, z = _softmax_merge(m1, z1, m2, z2)
-    b, c = _best_merge(b1, c1, b2, c2)
-    return m, z, b, c
-
-
-@triton.jit
-def _group_best(best, col, BLOCK: tl.constexpr):
-    """Per-column candidates folded to one per LANE_GROUP (within each thread: no cross-thread traffic)."""
-    return tl.reduce((tl.reshape(best, [BLOCK // LANE_GROUP, LANE_GROUP]),
-                      tl.reshape(col, [BLOCK // LANE_GROUP, LANE_GROUP])), 1, _best_merge)
-
-
-@triton.jit
-def _stats_end(m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, GREEDY: tl.constexpr, BLOCK: tl.constexpr):
-    """Both rows' ``(m, z, best logit, its column)`` from running statistics, side by side in one block reduction
-    (one exchange through shared memory for all of them); the best only with GREEDY (placeholders otherwise)."""
-    m = tl.join(m_s, m_t)
-    z = tl.join(z_s, z_t)
+def _stats_end(m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, hi, GREEDY: tl.constexpr, BLOCK: tl.constexpr):
+    """Both rows' ``(m, z, best logit, its column)`` from running statistics, the two rows side by side (``tl.join``)
+    in each block reduction: the maxima, then the rescaled sums, so two exchanges through shared memory instead of
+    one per row and value; with GREEDY two more for the best logits and their lowest column (ties go to it; ``hi``
+    where none matches, a NaN row), else placeholders. Built-in reductions only: a custom combine runs element by
+    element in the CPU interpreter."""
+    m = tl.join(m_s, m_t)  # [groups, 2]
+    m_all = tl.max(m, 0)
+    b_s = 0.0
+    b_t = 0.0
+    c_s = 0
+    c_t = 0
     if GREEDY:
-        b_s, c_s = _group_best(best_s, col_s, BLOCK)
-        b_t, c_t = _group_best(best_t, col_t, BLOCK)
-        m, z, b, c = tl.reduce((m, z, tl.join(b_s, b_t), tl.join(c_s, c_t)), 0, _stats_merge)
-        b_s, b_t = tl.split(b)
-        c_s, c_t = tl.split(c)
-    else:
-        m, z = tl.reduce((m, z), 0, _softmax_merge)
-        b_s = 0.0
-        b_t = 0.0
-        c_s = 0
-        c_t = 0
-    m_s, m_t = tl.split(m)
+        groups: tl.constexpr = BLOCK // LANE_GROUP
+        best = tl.join(tl.reshape(best_s, [groups, LANE_GROUP]), tl.reshape(best_t, [groups, LANE_GROUP]))
+        col = tl.join(tl.reshape(col_s, [groups, LANE_GROUP]), tl.reshape(col_t, [groups, LANE_GROUP]))
+        top = tl.max(tl.max(best, 1), 0)  # [2]
+        first = tl.min(tl.min(tl.where(best == top[None, None, :], col, hi), 1), 0)
+        b_s, b_t = tl.split(top)
+        c_s, c_t = tl.split(first)
+    z = tl.sum(tl.join(z_s, z_t) * tl.exp2(m - m_all[None, :]), 0)
+    m_s, m_t = tl.split(m_all)
     z_s, z_t = tl.split(z)
     return m_s, z_s, b_s, c_s, m_t, z_t, b_t, c_t
 
@@ -380,8 +355,8 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
         m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
             s, t, whole + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, SAMPLE_S,
             SAMPLE_T, PAIR, BLOCK)
-    return _stats_end(m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, (SAMPLE_S == GREEDY) or (SAMPLE_T == GREEDY),
-                      BLOCK)
+    return _stats_end(m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, hi,
+                      (SAMPLE_S == GREEDY) or (SAMPLE_T == GREEDY), BLOCK)
 
 
 @triton.jit

@@ -45,10 +45,10 @@ def test_loops_stay_within_their_instruction_budget(profile, case):
 
 
 @pytest.mark.parametrize("case", [case for case in sorted(CASES) if "(statistics)" in case])
-def test_statistics_end_in_one_block_reduction(profile, case):
-    """Both rows' maxima and sums (and greedy candidates) go through shared memory together: one exchange, whose two
-    barriers are the kernel's only ones. Four separate reductions took 7 (triton 3.9) to 11 (3.6)."""
-    assert profile[case]["barriers"] <= 2, f"{case}: {profile[case]['barriers']} barriers"
+def test_statistics_end_in_two_block_reductions(profile, case):
+    """Both rows' maxima go through shared memory together, then both rows' sums: two exchanges, whose barriers are
+    the kernel's only ones (3 with triton 3.9, 5 with 3.6). One reduction per row and value took 7 (3.9) to 11 (3.6)."""
+    assert profile[case]["barriers"] <= 5, f"{case}: {profile[case]['barriers']} barriers"
 
 
 def test_hot_path_leaves_out_what_a_predicated_forward_branch_skips():
