@@ -118,17 +118,21 @@ def switch():
     compiled(_switch_step_fused_kernel, "switch one launch")
 
 
+def both_modes(variant, splits):
+    """Graph-time the planned step at B = 32 and 256 in both launch modes, as rows named after ``variant``."""
+    for b in (32, 256):
+        s, t, pos = decoding_pair(b)
+        for fused, label in ((False, "three launches"), (True, "one launch")):
+            bench(f"switch_step {b}x128256 {variant} {label}", partial(decode_step, s, t, pos, fused), graph=True,
+                  batch=b, splits=splits, fused=fused)
+
+
 def partial_trips():
     """The plan before whole trips (``split.TRIP_ALIGN`` = 128: chunks of 16128 columns at B = 256, 15.75 tiles, and a
     partial last trip in every program), graph-timed in both launch modes against the rows above."""
     saved, split.TRIP_ALIGN = getattr(split, "TRIP_ALIGN", split.COL_ALIGN), split.COL_ALIGN  # a baseline may lack it
     try:
-        for b in (32, 256):
-            s, t, pos = decoding_pair(b)
-            for fused, label in ((False, "three launches"), (True, "one launch")):
-                name = f"switch_step {b}x128256 chunks on {split.COL_ALIGN} columns {label}"
-                bench(name, partial(decode_step, s, t, pos, fused), graph=True, batch=b,
-                      splits=f"align {split.COL_ALIGN}", fused=fused)
+        both_modes(f"chunks on {split.COL_ALIGN} columns", f"align {split.COL_ALIGN}")
     finally:
         split.TRIP_ALIGN = saved
 
@@ -143,11 +147,7 @@ def four_programs():
     try:
         for kernel in kernels:
             fix(kernel, BLOCK=1024, num_warps=4, maxnreg=128)
-        for b in (32, 256):
-            s, t, pos = decoding_pair(b)
-            for fused, label in ((False, "three launches"), (True, "one launch")):
-                name = f"switch_step {b}x128256 4 warps at 128 registers {label}"
-                bench(name, partial(decode_step, s, t, pos, fused), graph=True, batch=b, splits="plan", fused=fused)
+        both_modes("4 warps at 128 registers", "plan")
     finally:
         for kernel, configs in zip(kernels, saved, strict=True):
             kernel.configs = configs

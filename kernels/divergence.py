@@ -227,11 +227,12 @@ def _ahead(start, lo, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _pair_ahead(s_row, t_row, start, lo, end, EVICT: tl.constexpr, BLOCK: tl.constexpr):
+def _pair_ahead(s_row, t_row, start, lo, end, EVICT: tl.constexpr, BLOCK: tl.constexpr, PAIR: tl.constexpr = True):
     """Both rows' tiles at ``start`` for the next trip of a loop over the whole tiles of ``[lo, end)`` (:func:`_pair`,
     loaded with :func:`_tile_at`)."""
     at = _ahead(start, lo, end, BLOCK)
-    return _tile_at(s_row, at, EVICT, BLOCK), _tile_at(t_row, at, EVICT, BLOCK)
+    s = _tile_at(s_row, at, EVICT, BLOCK)
+    return s, _tile_at(t_row, at, EVICT, BLOCK) if PAIR else s
 
 
 @triton.jit
@@ -258,12 +259,13 @@ def _load_column(row, col, V):
 
 
 @triton.jit
-def _pair(s_row, t_row, start, first, end, EVICT: tl.constexpr, BLOCK: tl.constexpr):
-    """Both rows' whole raw tiles at ``start`` (:func:`_whole_tile`). Sweeps load the tile of their next trip before
-    the math of this one, so each thread has a tile of loads in flight while it computes: without it every trip waits
-    a full memory latency (measured on an H200: 16 warps per SM, 0.43 instructions per cycle per scheduler)."""
-    return (_whole_tile(s_row, start, first, end, EVICT, BLOCK),
-            _whole_tile(t_row, start, first, end, EVICT, BLOCK))
+def _pair(s_row, t_row, start, first, end, EVICT: tl.constexpr, BLOCK: tl.constexpr, PAIR: tl.constexpr = True):
+    """Both rows' whole raw tiles at ``start`` (:func:`_whole_tile`; without PAIR the student's, twice). Sweeps load
+    the tile of their next trip before the math of this one, so each thread has a tile of loads in flight while it
+    computes: without it every trip waits a full memory latency (measured on an H200: 16 warps per SM, 0.43
+    instructions per cycle per scheduler)."""
+    s = _whole_tile(s_row, start, first, end, EVICT, BLOCK)
+    return s, _whole_tile(t_row, start, first, end, EVICT, BLOCK) if PAIR else s
 
 
 @triton.jit

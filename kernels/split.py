@@ -27,12 +27,11 @@ from .divergence import (
     LANE_GROUP,
     NEG_BIG,
     READ_AGAIN,
-    _ahead,
     _grad_sweep,
     _nan_unless,
+    _pair,
+    _pair_ahead,
     _partial_tile,
-    _tile_at,
-    _whole_tile,
     _zero_sweep,
 )
 
@@ -268,25 +267,6 @@ def _stats_end(m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, hi, GREEDY: tl.
 
 
 @triton.jit
-def _whole_tiles(s_row, t_row, start, whole, PAIR: tl.constexpr, BLOCK: tl.constexpr):
-    """Raw tiles at ``start`` of both rows (the student's twice without PAIR), read only when ``start < whole``, so
-    whole tiles load with one uniform predicate and no ``-inf`` fill. :func:`_row_stats` loads a trip ahead."""
-    s = _whole_tile(s_row, start, start, whole, READ_AGAIN, BLOCK)  # the next sweep reads them again
-    t = _whole_tile(t_row, start, start, whole, READ_AGAIN, BLOCK) if PAIR else s
-    return s, t
-
-
-@triton.jit
-def _tiles_ahead(s_row, t_row, start, lo, whole, PAIR: tl.constexpr, BLOCK: tl.constexpr):
-    """:func:`_whole_tiles` for a look-ahead inside the loop: unmasked, at ``start`` clamped to the whole tiles
-    (``divergence._tile_at``)."""
-    at = _ahead(start, lo, whole, BLOCK)
-    s = _tile_at(s_row, at, READ_AGAIN, BLOCK)
-    t = _tile_at(t_row, at, READ_AGAIN, BLOCK) if PAIR else s
-    return s, t
-
-
-@triton.jit
 def _stats_trip(s, t, cols, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
                 SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr, BLOCK: tl.constexpr):
     """One trip of :func:`_row_stats` over loaded raw tiles."""
@@ -327,14 +307,15 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
     m_s, z_s, best_s, col_s = _stats_start(lo, BLOCK)
     m_t, z_t, best_t, col_t = _stats_start(lo, BLOCK)
     whole = lo + (hi - lo) // BLOCK * BLOCK
-    s_next, t_next = _whole_tiles(s_row, t_row, lo, whole, PAIR, BLOCK)
+    # the next sweep reads these tiles again: READ_AGAIN keeps them in L2
+    s_next, t_next = _pair(s_row, t_row, lo, lo, whole, READ_AGAIN, BLOCK, PAIR)
     if AHEAD == 2:  # two tiles per trip, both loaded a trip ahead: their registers free up as they convert
-        s_second, t_second = _whole_tiles(s_row, t_row, lo + BLOCK, whole, PAIR, BLOCK)
+        s_second, t_second = _pair(s_row, t_row, lo + BLOCK, lo, whole, READ_AGAIN, BLOCK, PAIR)
         pairs_end = lo + (whole - lo) // (2 * BLOCK) * (2 * BLOCK)
         for start in range(lo, pairs_end, 2 * BLOCK):
             s, t, s2, t2 = s_next, t_next, s_second, t_second
-            s_next, t_next = _tiles_ahead(s_row, t_row, start + 2 * BLOCK, lo, whole, PAIR, BLOCK)
-            s_second, t_second = _tiles_ahead(s_row, t_row, start + 3 * BLOCK, lo, whole, PAIR, BLOCK)
+            s_next, t_next = _pair_ahead(s_row, t_row, start + 2 * BLOCK, lo, whole, READ_AGAIN, BLOCK, PAIR)
+            s_second, t_second = _pair_ahead(s_row, t_row, start + 3 * BLOCK, lo, whole, READ_AGAIN, BLOCK, PAIR)
             m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_two_trips(
                 s, t, s2, t2, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
                 SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
@@ -345,7 +326,7 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
     else:
         for start in range(lo, whole, BLOCK):
             s, t = s_next, t_next
-            s_next, t_next = _tiles_ahead(s_row, t_row, start + BLOCK, lo, whole, PAIR, BLOCK)
+            s_next, t_next = _pair_ahead(s_row, t_row, start + BLOCK, lo, whole, READ_AGAIN, BLOCK, PAIR)
             m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
                 s, t, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
                 SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
