@@ -177,10 +177,8 @@ def split_plan(rows: int, vocab: int, device, splits: int | None = None, program
     minimum; never more than ``max_splits``. ``splits`` overrides the count (tests), which the cap and the 128-column
     alignment may then lower.
 
-    The switch step asks for 8: on an H200 at V = 128256 bf16, B = 256 took 108.9 / 97.6 / 92.5 / 99.5 µs with 2 / 4
-    / 8 / 16 splits, B = 32 18.6 / 18.3 / 26.5 µs with 16 / 32 / 64, and 23.8 µs with 31 (chunks of 4.1 tiles: a
-    fifth, almost empty trip; benchmarks/RESULTS.md); kd_loss keeps 2, so that its per-row kernel takes every batch
-    of two rows per multiprocessor or more."""
+    The switch step asks for 8, its fastest on an H200 at B = 32 and 256 (benchmarks/RESULTS.md, probe F); kd_loss
+    keeps 2, so that its per-row kernel takes every batch of two rows per multiprocessor or more."""
     if splits is None:
         target = multiprocessors(device)
         min_chunk = 1024 if _is_cuda(device) else 256
@@ -205,23 +203,22 @@ def _stats_start(lo, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _stats_tile(x, cols, scale2, m, z, best, col, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-    """Fold one tile of raw logits ``x`` (-inf past the end) into running statistics. The max is taken on the raw
-    logits (``scale2 > 0``), so each column costs one fused multiply-add, one exp2 and one add."""
-    m, z = _fold_groups(tl.reshape(x, [BLOCK // LANE_GROUP, LANE_GROUP]), scale2, m, z)
+def _stats_tile(x, cols, scale2, m, z, best, col, SAMPLE: tl.constexpr, BLOCK: tl.constexpr, x2=None):
+    """Fold one tile of raw logits ``x`` (-inf past the end) into running statistics, or two with ``x2`` (at ``cols +
+    BLOCK``): a thread's group then takes its columns of both, so the rescale is one exp2 per group and trip, not per
+    tile (MUFU per logit pair 2.25 -> 2.125). The max is taken on the raw logits (``scale2 > 0``), so each column
+    costs one fused multiply-add, one exp2 and one add."""
+    x = x.to(tl.float32)
+    if x2 is None:
+        groups = tl.reshape(x, [BLOCK // LANE_GROUP, LANE_GROUP])
+    else:
+        x2 = x2.to(tl.float32)
+        groups = tl.reshape(tl.join(x, x2), [BLOCK // LANE_GROUP, 2 * LANE_GROUP])
+    m, z = _fold_groups(groups, scale2, m, z)
     if SAMPLE == GREEDY:
         best, col = _best_update(x, cols, best, col)
-    return m, z, best, col
-
-
-@triton.jit
-def _stats_two_tiles(x, x2, cols, scale2, m, z, best, col, SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-    """:func:`_stats_tile` over two tiles at once (``x2`` at ``cols + BLOCK``): a thread's group takes its columns of
-    both, so the rescale is one exp2 per group and trip, not per tile (MUFU per logit pair 2.25 -> 2.125)."""
-    m, z = _fold_groups(tl.reshape(tl.join(x, x2), [BLOCK // LANE_GROUP, 2 * LANE_GROUP]), scale2, m, z)
-    if SAMPLE == GREEDY:
-        best, col = _best_update(x, cols, best, col)
-        best, col = _best_update(x2, cols + BLOCK, best, col)
+        if x2 is not None:
+            best, col = _best_update(x2, cols + BLOCK, best, col)
     return m, z, best, col
 
 
@@ -268,24 +265,12 @@ def _stats_end(m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t, hi, GREEDY: tl.
 
 @triton.jit
 def _stats_trip(s, t, cols, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
-                SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr, BLOCK: tl.constexpr):
-    """One trip of :func:`_row_stats` over loaded raw tiles."""
-    m_s, z_s, best_s, col_s = _stats_tile(s.to(tl.float32), cols, scale2, m_s, z_s, best_s, col_s, SAMPLE_S, BLOCK)
+                SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr, BLOCK: tl.constexpr, s2=None,
+                t2=None):
+    """One trip of :func:`_row_stats` over loaded raw tiles: one per row, or two with ``s2``, ``t2``."""
+    m_s, z_s, best_s, col_s = _stats_tile(s, cols, scale2, m_s, z_s, best_s, col_s, SAMPLE_S, BLOCK, s2)
     if PAIR:
-        m_t, z_t, best_t, col_t = _stats_tile(t.to(tl.float32), cols, scale2, m_t, z_t, best_t, col_t, SAMPLE_T,
-                                              BLOCK)
-    return m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t
-
-
-@triton.jit
-def _stats_two_trips(s, t, s2, t2, cols, scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
-                     SAMPLE_S: tl.constexpr, SAMPLE_T: tl.constexpr, PAIR: tl.constexpr, BLOCK: tl.constexpr):
-    """:func:`_stats_trip` over two loaded tiles of each row (the second at ``cols + BLOCK``), as one."""
-    m_s, z_s, best_s, col_s = _stats_two_tiles(s.to(tl.float32), s2.to(tl.float32), cols, scale2, m_s, z_s, best_s,
-                                               col_s, SAMPLE_S, BLOCK)
-    if PAIR:
-        m_t, z_t, best_t, col_t = _stats_two_tiles(t.to(tl.float32), t2.to(tl.float32), cols, scale2, m_t, z_t,
-                                                   best_t, col_t, SAMPLE_T, BLOCK)
+        m_t, z_t, best_t, col_t = _stats_tile(t, cols, scale2, m_t, z_t, best_t, col_t, SAMPLE_T, BLOCK, t2)
     return m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t
 
 
@@ -316,9 +301,9 @@ def _row_stats(s_row, t_row, lo, hi, scale2, SAMPLE_S: tl.constexpr, SAMPLE_T: t
             s, t, s2, t2 = s_next, t_next, s_second, t_second
             s_next, t_next = _pair_ahead(s_row, t_row, start + 2 * BLOCK, lo, whole, READ_AGAIN, BLOCK, PAIR)
             s_second, t_second = _pair_ahead(s_row, t_row, start + 3 * BLOCK, lo, whole, READ_AGAIN, BLOCK, PAIR)
-            m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_two_trips(
-                s, t, s2, t2, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
-                SAMPLE_S, SAMPLE_T, PAIR, BLOCK)
+            m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
+                s, t, start + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t,
+                SAMPLE_S, SAMPLE_T, PAIR, BLOCK, s2, t2)
         if pairs_end < whole:  # an odd whole tile, already loaded
             m_s, z_s, best_s, col_s, m_t, z_t, best_t, col_t = _stats_trip(
                 s_next, t_next, pairs_end + tl.arange(0, BLOCK), scale2, m_s, z_s, best_s, col_s, m_t, z_t, best_t,
