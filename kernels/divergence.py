@@ -197,27 +197,21 @@ def _bf16_half(words, HIGH):
 
 
 @triton.jit
-def _whole_tile(row, start, first, end, EVICT: tl.constexpr, BLOCK: tl.constexpr):
-    """A whole raw tile at ``start``, read only when ``first <= start < end``: one predicate for the whole tile, so
-    the loads stay 16-byte vectors with nothing filled. Packed rows (:func:`_widen`) come back as float32."""
-    if row.dtype.element_ty == tl.int32:  # packed (:func:`_widen`)
-        at = tl.full([BLOCK // 2], start, tl.int32)
-        words = _load_tile(row + start // 2 + tl.arange(0, BLOCK // 2), (at >= first) & (at < end), EVICT, False)
-        return _widen(words, BLOCK)
-    else:
-        at = tl.full([BLOCK], start, tl.int32)
-        return _load_tile(row + start + tl.arange(0, BLOCK), (at >= first) & (at < end), EVICT, False)
-
-
-@triton.jit
-def _tile_at(row, start, EVICT: tl.constexpr, BLOCK: tl.constexpr):
-    """The whole raw tile at ``start``, with no mask: a sweep's look-ahead load inside its loop, at a start that
+def _tile_at(row, start, EVICT: tl.constexpr, BLOCK: tl.constexpr, first=None, end=None):
+    """The whole raw tile at ``start`` (packed rows, :func:`_widen`, come back as float32). With ``first`` and ``end``
+    it is read only when ``first <= start < end``: one predicate for the whole tile, so the loads stay 16-byte vectors
+    with nothing filled. Without them there is no mask: a sweep's look-ahead load inside its loop, at a start that
     :func:`_ahead` keeps on the sweep's whole tiles. On the last trip that reloads a tile nobody uses, which costs
     less than building a predicate and zero-filling the registers on every trip (sm_90 SASS)."""
-    if row.dtype.element_ty == tl.int32:  # packed (:func:`_widen`)
-        return _widen(_load_tile(row + (start >> 1) + tl.arange(0, BLOCK // 2), None, EVICT, False), BLOCK)
+    packed: tl.constexpr = row.dtype.element_ty == tl.int32  # (:func:`_widen`)
+    width: tl.constexpr = BLOCK // 2 if packed else BLOCK
+    ptrs = row + ((start >> 1) if packed else start) + tl.arange(0, width)
+    if first is None:
+        tile = _load_tile(ptrs, None, EVICT, False)
     else:
-        return _load_tile(row + start + tl.arange(0, BLOCK), None, EVICT, False)
+        at = tl.full([width], start, tl.int32)
+        tile = _load_tile(ptrs, (at >= first) & (at < end), EVICT, False)
+    return _widen(tile, BLOCK) if packed else tile
 
 
 @triton.jit
@@ -260,12 +254,12 @@ def _load_column(row, col, V):
 
 @triton.jit
 def _pair(s_row, t_row, start, first, end, EVICT: tl.constexpr, BLOCK: tl.constexpr, PAIR: tl.constexpr = True):
-    """Both rows' whole raw tiles at ``start`` (:func:`_whole_tile`; without PAIR the student's, twice). Sweeps load
-    the tile of their next trip before the math of this one, so each thread has a tile of loads in flight while it
-    computes: without it every trip waits a full memory latency (measured on an H200: 16 warps per SM, 0.43
-    instructions per cycle per scheduler)."""
-    s = _whole_tile(s_row, start, first, end, EVICT, BLOCK)
-    return s, _whole_tile(t_row, start, first, end, EVICT, BLOCK) if PAIR else s
+    """Both rows' whole raw tiles at ``start``, read when ``first <= start < end`` (:func:`_tile_at`; without PAIR the
+    student's, twice). Sweeps load the tile of their next trip before the math of this one, so each thread has a tile
+    of loads in flight while it computes: without it every trip waits a full memory latency (measured on an H200: 16
+    warps per SM, 0.43 instructions per cycle per scheduler)."""
+    s = _tile_at(s_row, start, EVICT, BLOCK, first, end)
+    return s, _tile_at(t_row, start, EVICT, BLOCK, first, end) if PAIR else s
 
 
 @triton.jit
